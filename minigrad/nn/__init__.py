@@ -1,0 +1,8 @@
+"""Neural-network building blocks."""
+from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ModuleList, ReLU, Sequential, Tanh
+from .module import Module, Parameter, StateDictError
+
+
+def count_parameters(module: Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters (each shared parameter counted once)."""
+    return module.num_parameters(trainable_only)

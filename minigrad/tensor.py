@@ -1,0 +1,403 @@
+"""Tensor, Function and the backward pass.
+
+Names and semantics follow PyTorch where they fit (``requires_grad``, ``.grad``,
+``backward``, ``no_grad``, ``register_hook``, ``detach``); array behaviour follows
+NumPy (``transpose(*axes)``, ``var`` with ``ddof=0``, ``axis=`` keyword, dtype promotion
+of arrays). Python scalars take the dtype of the tensor they meet, so ``x * 2.0`` stays
+float32.
+
+A ``Function`` computes on raw arrays. Calling one wraps its outputs in tensors and,
+when a gradient is needed, records itself as their ``creator``. ``Tensor.backward``
+walks the recorded functions in reverse topological order, without recursion.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import numpy as np
+
+from . import backend
+
+_grad_enabled = True
+_default_dtype = np.float32
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Run without recording a graph (evaluation, generation, optimizer updates)."""
+    global _grad_enabled
+    prev, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = prev
+
+
+@contextlib.contextmanager
+def enable_grad():
+    global _grad_enabled
+    prev, _grad_enabled = _grad_enabled, True
+    try:
+        yield
+    finally:
+        _grad_enabled = prev
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+def set_default_dtype(dtype) -> None:
+    """dtype given to tensors made from Python floats (float32 unless changed)."""
+    global _default_dtype
+    _default_dtype = np.dtype(dtype).type
+
+
+def get_default_dtype():
+    return _default_dtype
+
+
+def _to_array(data, dtype=None, like=None):
+    """Raw array from Python data, an array or a Tensor. Python floats get the default dtype."""
+    if isinstance(data, Tensor):
+        data = data.data
+    xp = backend.get_array_module(like) if like is not None else backend.get_array_module(data)
+    if isinstance(data, (np.ndarray, np.generic)) or backend.is_cupy_array(data):
+        arr = data
+    else:
+        arr = np.asarray(data)
+        if arr.dtype == np.float64:
+            arr = arr.astype(_default_dtype)
+        if xp is not np:
+            arr = xp.asarray(arr)
+    if dtype is not None and arr.dtype != dtype:
+        arr = arr.astype(dtype)
+    if isinstance(arr, np.generic):
+        arr = np.asarray(arr)
+    return arr
+
+
+class Tensor:
+    """An array with an optional gradient and a link to the function that made it."""
+
+    __array_priority__ = 100  # so `ndarray * Tensor` calls Tensor.__rmul__
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None, device: str | None = None):
+        arr = _to_array(data, dtype)
+        if device is not None:
+            arr = backend.to_device(arr, device)
+        if requires_grad and arr.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype {arr.dtype}")
+        self.data = arr
+        self.requires_grad = bool(requires_grad)
+        self.grad: Tensor | None = None
+        self.creator: Function | None = None
+        self._out_index = 0
+        self._hooks: list | None = None
+        self._retain_grad = False
+        self.name: str | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.creator is None
+
+    @property
+    def T(self) -> "Tensor":
+        return self.transpose()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        extra = ", requires_grad=True" if self.requires_grad else ""
+        if self.device != "cpu":
+            extra += f", device='{self.device}'"
+        body = np.array2string(backend.to_numpy(self.data), precision=4, threshold=20, prefix="tensor(")
+        return f"tensor({body}, dtype={self.dtype}{extra})"
+
+    # ------------------------------------------------------------------ conversion
+    def numpy(self) -> np.ndarray:
+        """The data as a NumPy array (copied from the GPU when needed)."""
+        return backend.to_numpy(self.data)
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return self.data.reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def to(self, device=None, dtype=None) -> "Tensor":
+        """A copy on ``device`` and/or of ``dtype`` (differentiable)."""
+        if isinstance(device, (type, np.dtype)) and dtype is None:
+            device, dtype = None, device
+        out = self
+        if dtype is not None and np.dtype(dtype) != self.dtype:
+            from .ops import cast
+            out = cast(out, dtype)
+        if device is not None and backend.check_device(device) != self.device:
+            from .ops import to_device
+            out = to_device(out, device)
+        return out
+
+    def astype(self, dtype) -> "Tensor":
+        return self.to(dtype=dtype)
+
+    def float(self):
+        return self.to(dtype=np.float32)
+
+    def double(self):
+        return self.to(dtype=np.float64)
+
+    # ------------------------------------------------------------------ autograd
+    def register_hook(self, hook):
+        """Call ``hook(grad)`` with this tensor's gradient (a Tensor) during backward.
+
+        A hook may return a replacement gradient. Returns a handle with ``remove()``.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("cannot register a hook on a tensor that does not require grad")
+        if self._hooks is None:
+            self._hooks = []
+        self._hooks.append(hook)
+        return _RemovableHandle(self._hooks, hook)
+
+    def retain_grad(self) -> None:
+        """Keep ``.grad`` on a non-leaf tensor after backward (for inspection)."""
+        self._retain_grad = True
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Compute gradients of this tensor with respect to every leaf that requires them."""
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad "
+                               "(was it computed under no_grad, or from inputs without requires_grad?)")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a scalar; this tensor has shape {self.shape}")
+            g = self.data.dtype.type(1) * backend.get_array_module(self.data).ones_like(self.data)
+        else:
+            g = _to_array(grad, self.dtype, like=self.data)
+            if g.shape != self.shape:
+                raise ValueError(f"backward(): gradient shape {g.shape} does not match tensor shape {self.shape}")
+        run_backward(self, g, retain_graph)
+
+    # ------------------------------------------------------------------ operators
+    # (bound to the functions of ops.py at the bottom of that module)
+
+
+class _RemovableHandle:
+    def __init__(self, container, item):
+        self._container, self._item = container, item
+
+    def remove(self):
+        if self._item in self._container:
+            self._container.remove(self._item)
+
+
+class Function:
+    """One differentiable operation on raw arrays.
+
+    Subclasses implement ``forward(*arrays) -> array | tuple`` and
+    ``backward(*grad_outputs) -> grad | tuple`` (one gradient per input, ``None`` where
+    the input needs none; ``self.needs_input_grad`` tells which). Arrays needed by
+    backward are kept with ``save_for_backward`` so they can be counted and freed.
+    """
+
+    inputs: tuple = ()
+    saved: tuple = ()
+
+    def __call__(self, *inputs):
+        xs = [x if isinstance(x, Tensor) else None for x in inputs]
+        like = next((x.data for x in xs if x is not None), None)
+        ref_dtype = next((x.dtype for x in xs if x is not None and x.dtype.kind == "f"), None)
+        tensors = []
+        for x, raw in zip(xs, inputs):
+            if x is None:  # Python scalar or array: a constant of the neighbours' dtype
+                dt = ref_dtype if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
+                x = Tensor(_to_array(raw, dt, like=like))
+            tensors.append(x)
+        self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        record = _grad_enabled and any(self.needs_input_grad)
+        self._record = record
+        ys = self.forward(*[t.data for t in tensors])
+        single = not isinstance(ys, tuple)
+        if single:
+            ys = (ys,)
+        outputs = []
+        for i, y in enumerate(ys):
+            t = Tensor.__new__(Tensor)
+            t.data = y
+            t.requires_grad = record
+            t.grad = None
+            t.creator = self if record else None
+            t._out_index = i
+            t._hooks = None
+            t._retain_grad = False
+            t.name = None
+            outputs.append(t)
+        if record:
+            self.inputs = tuple(tensors)
+            self.outputs = tuple(weakref.ref(t) for t in outputs)
+            self.n_outputs = len(outputs)
+            if len(outputs) > 1:  # to make zero gradients for outputs nobody used
+                self._out_meta = [(y.shape, y.dtype) for y in ys]
+        else:
+            self.saved = ()
+        return outputs[0] if single else tuple(outputs)
+
+    def save_for_backward(self, *arrays) -> None:
+        if self._record:
+            self.saved = arrays
+
+    def forward(self, *xs):
+        raise NotImplementedError
+
+    def backward(self, *gys):
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+def _topo_order(root: Function) -> list:
+    """Functions reachable from ``root``, each after every function that consumes its outputs."""
+    order, seen = [], {id(root)}
+    stack = [(root, False)]
+    while stack:
+        fn, expanded = stack.pop()
+        if expanded:
+            order.append(fn)
+            continue
+        stack.append((fn, True))
+        for x in fn.inputs:
+            c = x.creator
+            if c is not None and id(c) not in seen:
+                seen.add(id(c))
+                stack.append((c, False))
+    order.reverse()  # post-order reversed = consumers before producers
+    return order
+
+
+def _apply_hooks(t: Tensor, g):
+    if t._hooks:
+        for hook in list(t._hooks):
+            r = hook(Tensor(g))
+            if r is not None:
+                g = _to_array(r, g.dtype, like=g)
+    return g
+
+
+def _accumulate(store: dict, key, g):
+    prev = store.get(key)
+    if prev is None:
+        store[key] = g
+    else:
+        # a fresh buffer: `g` or `prev` may alias an array the graph still holds
+        store[key] = prev + g
+
+
+def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
+    if root.creator is None:  # a leaf: its gradient is the seed itself
+        g = _apply_hooks(root, grad)
+        root.grad = Tensor(g) if root.grad is None else Tensor(root.grad.data + g)
+        return
+    pending = {}   # (id(fn), output index) -> gradient array
+    leaves = {}    # id(leaf) -> [leaf, gradient]
+    pending[(id(root.creator), root._out_index)] = grad
+    for fn in _topo_order(root.creator):
+        if fn.saved is None:
+            raise RuntimeError(
+                f"backward through {fn.name} a second time: its saved arrays were freed after the "
+                "first backward. Pass retain_graph=True to the first backward() to keep them.")
+        gys = []
+        for i in range(fn.n_outputs):
+            g = pending.pop((id(fn), i), None)
+            out = fn.outputs[i]()
+            if out is not None and g is not None:
+                g = _apply_hooks(out, g)
+                if out._retain_grad:
+                    out.grad = Tensor(g) if out.grad is None else Tensor(out.grad.data + g)
+            gys.append(g)
+        if all(g is None for g in gys):
+            continue
+        if any(g is None for g in gys):  # multi-output function with some outputs unused
+            xp = backend.get_array_module(*[x.data for x in fn.inputs])
+            gys = [g if g is not None else xp.zeros(shape, dtype)
+                   for g, (shape, dtype) in zip(gys, fn._out_meta)]
+        gxs = fn.backward(*gys)
+        if not isinstance(gxs, tuple):
+            gxs = (gxs,)
+        if len(gxs) != len(fn.inputs):
+            raise RuntimeError(f"{fn.name}.backward returned {len(gxs)} gradients for {len(fn.inputs)} inputs")
+        if not retain_graph:
+            fn.saved = None
+        for x, gx in zip(fn.inputs, gxs):
+            if gx is None or not x.requires_grad:
+                continue
+            if gx.shape != x.shape:
+                raise RuntimeError(f"{fn.name}.backward gave a gradient of shape {gx.shape} "
+                                   f"for an input of shape {x.shape}")
+            if x.creator is None:
+                entry = leaves.get(id(x))
+                if entry is None:
+                    leaves[id(x)] = [x, gx]
+                else:
+                    entry[1] = entry[1] + gx
+            else:
+                _accumulate(pending, (id(x.creator), x._out_index), gx)
+    stored = set()
+    for x, g in leaves.values():
+        g = _apply_hooks(x, g)
+        if g.dtype != x.dtype:
+            g = g.astype(x.dtype)
+        if x.grad is None:
+            # A gradient may be a view (broadcast, reshape) or the very array given to another
+            # leaf (z = a + b); own a private copy so in-place updates of .grad are safe.
+            if g.base is not None or id(g) in stored or not getattr(g.flags, "writeable", True):
+                g = g.copy()
+            stored.add(id(g))
+            x.grad = Tensor(g)
+        else:
+            x.grad.data += g  # accumulate in place: no new buffer per backward
+
+
+def tensor(data, requires_grad: bool = False, dtype=None, device: str | None = None) -> Tensor:
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
+
+
+def as_tensor(x) -> Tensor:
+    return x if isinstance(x, Tensor) else Tensor(x)
