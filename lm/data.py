@@ -279,7 +279,10 @@ def prepare_data(
     name = os.fspath(source)
     text = load_corpus(name, text_field=text_field)
     corpus_hash = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "tokens"
+    if cache_dir is None:
+        cache = default_cache_dir() / "tokens"
+    else:
+        cache = Path(cache_dir).expanduser()
 
     if tokenizer is None:
         tok_path = None

@@ -119,7 +119,9 @@ class CharTokenizer(Tokenizer):
         chars = list(chars)
         for c in chars:
             if not isinstance(c, str) or len(c) != 1:
-                raise ValueError(f"CharTokenizer vocabulary entries must be single characters, got {c!r}")
+                raise ValueError(
+                    f"CharTokenizer vocabulary entries must be single characters, got {c!r}"
+                )
         if len(set(chars)) != len(chars):
             dup = sorted(c for c, n in Counter(chars).items() if n > 1)
             raise ValueError(f"CharTokenizer vocabulary has duplicate characters: {dup[:10]!r}")
@@ -386,7 +388,8 @@ class BPETokenizer(Tokenizer):
     def from_dict(cls, d: dict) -> "BPETokenizer":
         merges = d["merges"]
         if not isinstance(merges, list) or not all(
-            isinstance(m, list) and len(m) == 2 and all(isinstance(x, int) for x in m) for m in merges
+            isinstance(m, list) and len(m) == 2 and all(isinstance(x, int) for x in m)
+            for m in merges
         ):
             raise ValueError("'merges' must be a list of [int, int] pairs")
         pattern = d.get("pattern", GPT2_SPLIT_PATTERN)

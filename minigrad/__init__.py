@@ -39,3 +39,5 @@ def randn(*shape, dtype=None, requires_grad=False, device="cpu"):
 def arange(*args, dtype=None, device="cpu"):
     xp = backend.xp_for_device(device)
     return Tensor(xp.arange(*args, dtype=dtype))
+
+from . import gradcheck, io, nn, optim  # noqa: E402  (they import the core above)

@@ -108,12 +108,12 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
 
 def dropout(x, p: float = 0.5, training: bool = True):
     """Zero each element with probability p, scale the rest by 1/(1-p) (inverted dropout)."""
-    if not 0.0 <= p < 1.0:
-        if p == 1.0:
-            return x * 0.0
+    if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
+    if p == 1.0:
+        return x * 0.0
     xp = backend.get_array_module(x.data)
     keep = backend.get_rng(xp).random(x.shape, dtype=np.float32) >= p
     return x * (keep * (1.0 / (1.0 - p))).astype(x.dtype)

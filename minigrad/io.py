@@ -16,6 +16,15 @@ import numpy as np
 from . import backend
 
 
+def _mode_for(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers never see a half-written file."""
     path = os.fspath(path)
@@ -23,6 +32,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (or the old file's)
+        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -49,7 +60,9 @@ def save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
         a = getattr(t, "data", t)
         if not hasattr(a, "shape"):
             raise TypeError(f"save_file: {name!r} is a {type(t).__name__}, not an array or Tensor")
-        arrays[name] = np.ascontiguousarray(backend.to_numpy(a))
+        a = backend.to_numpy(a)
+        # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+        arrays[name] = a if a.flags.c_contiguous else a.copy(order="C")
     meta = None
     if metadata:
         meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
@@ -77,8 +90,11 @@ def load_metadata(path: str) -> dict:
         n = int.from_bytes(f.read(8), "little")
         if n <= 0 or n > 100_000_000:
             raise ValueError(f"{path} is not a valid safetensors file (header size {n})")
-        header = json.loads(f.read(n))
-    return header.get("__metadata__", {}) or {}
+        try:
+            header = json.loads(f.read(n))
+            return dict(header.get("__metadata__") or {})
+        except (ValueError, AttributeError, TypeError) as e:
+            raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
 
 
 def save_module(module, path: str, metadata: dict | None = None) -> None:

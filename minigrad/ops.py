@@ -7,6 +7,8 @@ layer_norm, cross_entropy, ...) live in ``functional.py``.
 """
 from __future__ import annotations
 
+import builtins  # this module defines sum/max/min/abs/pow ops; builtins stay reachable
+
 import numpy as np
 
 from . import backend
@@ -223,7 +225,7 @@ class ReLU(Function):
 class Abs(Function):
     def forward(self, x):
         self.save_for_backward(x)
-        return abs(x)
+        return get_array_module(x).abs(x)
 
     def backward(self, gy):
         (x,) = self.saved
@@ -327,7 +329,7 @@ class Transpose(Function):
     def forward(self, x):
         if self.axes is None:
             self.axes = tuple(reversed(range(x.ndim)))
-        if sorted(a % max(x.ndim, 1) for a in self.axes) != list(range(x.ndim)):
+        if sorted(a % builtins.max(x.ndim, 1) for a in self.axes) != list(range(x.ndim)):
             raise ShapeError(f"transpose: axes {self.axes} are not a permutation of {x.ndim} axes")
         return x.transpose(self.axes)
 

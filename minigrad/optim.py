@@ -101,19 +101,25 @@ class Optimizer:
         for g, saved in zip(self.param_groups, sd["param_groups"]):
             if [n for n, _ in g["params"]] != list(saved["params"]):
                 raise ValueError("optimizer state groups hold different parameters than this optimizer")
-            g.update({k: v for k, v in saved.items() if k != "params"})
-        self.state = {}
+        # build and check the new state before touching this optimizer, so a failed load changes nothing
+        new_state = {}
         for n, s in sd["state"].items():
             p = mine[n]
             st = {}
             for k, v in s.items():
-                if hasattr(v, "shape") and getattr(v, "ndim", 0) > 0:
-                    if tuple(v.shape) != tuple(p.shape):
+                if hasattr(v, "shape"):
+                    if tuple(v.shape) == tuple(p.shape):  # 0-d state of a 0-d parameter included
+                        v = backend.to_device(v, p.device).astype(p.dtype, copy=True)
+                    elif v.ndim == 0:  # a counter that was stored as an array
+                        v = v.item()
+                    else:
                         raise ValueError(f"optimizer state {n}.{k} has shape {tuple(v.shape)}, "
                                          f"parameter has {tuple(p.shape)}")
-                    v = backend.to_device(v, p.device).astype(p.dtype, copy=True)
                 st[k] = v
-            self.state[n] = st
+            new_state[n] = st
+        for g, saved in zip(self.param_groups, sd["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        self.state = new_state
         self.step_count = int(sd.get("step_count", 0))
 
     @property
@@ -141,7 +147,8 @@ class SGD(Optimizer):
         if m:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = g.copy()
+                # asarray: for a 0-d parameter `g` may be a NumPy scalar, which `buf *= m` would not update
+                buf = state["momentum_buffer"] = backend.get_array_module(p.data).asarray(g).copy()
             else:
                 buf *= m
                 buf += g

@@ -67,7 +67,7 @@ def _to_array(data, dtype=None, like=None):
         arr = data
     else:
         arr = np.asarray(data)
-        if arr.dtype == np.float64:
+        if arr.dtype == np.float64 and dtype is None:  # an explicit dtype must not round via float32
             arr = arr.astype(_default_dtype)
         if xp is not np:
             arr = xp.asarray(arr)
@@ -209,6 +209,8 @@ class Tensor:
             g = _to_array(grad, self.dtype, like=self.data)
             if g.shape != self.shape:
                 raise ValueError(f"backward(): gradient shape {g.shape} does not match tensor shape {self.shape}")
+            if g is getattr(grad, "data", grad):
+                g = g.copy()  # the caller keeps `grad`: no .grad may alias it
         run_backward(self, g, retain_graph)
 
     # ------------------------------------------------------------------ operators
@@ -295,18 +297,22 @@ class Function:
 
 def _topo_order(root: Function) -> list:
     """Functions reachable from ``root``, each after every function that consumes its outputs."""
-    order, seen = [], {id(root)}
+    # A function is marked when it is expanded, not when it is pushed: marking on push
+    # can finish a producer before a consumer that was pushed after it (b + 3*b).
+    order, seen = [], set()
     stack = [(root, False)]
     while stack:
         fn, expanded = stack.pop()
         if expanded:
             order.append(fn)
             continue
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
         stack.append((fn, True))
         for x in fn.inputs:
             c = x.creator
             if c is not None and id(c) not in seen:
-                seen.add(id(c))
                 stack.append((c, False))
     order.reverse()  # post-order reversed = consumers before producers
     return order
@@ -337,6 +343,7 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
         return
     pending = {}   # (id(fn), output index) -> gradient array
     leaves = {}    # id(leaf) -> [leaf, gradient]
+    exposed = set()  # ids of gradient arrays that user code may hold (hooks, retained .grad)
     pending[(id(root.creator), root._out_index)] = grad
     for fn in _topo_order(root.creator):
         if fn.saved is None:
@@ -348,9 +355,12 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
             g = pending.pop((id(fn), i), None)
             out = fn.outputs[i]()
             if out is not None and g is not None:
-                g = _apply_hooks(out, g)
+                if out._hooks:
+                    g = _apply_hooks(out, g)
+                    exposed.add(id(g))
                 if out._retain_grad:
                     out.grad = Tensor(g) if out.grad is None else Tensor(out.grad.data + g)
+                    exposed.add(id(g))
             gys.append(g)
         if all(g is None for g in gys):
             continue
@@ -379,17 +389,19 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
                     entry[1] = entry[1] + gx
             else:
                 _accumulate(pending, (id(x.creator), x._out_index), gx)
-    stored = set()
     for x, g in leaves.values():
-        g = _apply_hooks(x, g)
+        if x._hooks:
+            g = _apply_hooks(x, g)
+            exposed.add(id(g))
         if g.dtype != x.dtype:
             g = g.astype(x.dtype)
         if x.grad is None:
-            # A gradient may be a view (broadcast, reshape) or the very array given to another
-            # leaf (z = a + b); own a private copy so in-place updates of .grad are safe.
-            if g.base is not None or id(g) in stored or not getattr(g.flags, "writeable", True):
+            # A gradient may be a view (broadcast, reshape), the very array given to another
+            # leaf (z = a + b), or one a hook or a retained .grad holds; own a private copy so
+            # in-place updates of .grad are safe.
+            if g.base is not None or id(g) in exposed or not getattr(g.flags, "writeable", True):
                 g = g.copy()
-            stored.add(id(g))
+            exposed.add(id(g))
             x.grad = Tensor(g)
         else:
             x.grad.data += g  # accumulate in place: no new buffer per backward

@@ -53,8 +53,13 @@ class Module:
     def __setattr__(self, name, value):
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}: call super().__init__() before assigning attributes")
+        if name in self._buffers and not isinstance(value, (Parameter, Module)):
+            self._buffers[name] = value  # `self.buf = new_array` keeps it a buffer (as in PyTorch)
+            object.__setattr__(self, name, value)
+            return
         for store in (self._parameters, self._modules, self._buffers):
             store.pop(name, None)
+        self._non_persistent.discard(name)
         if isinstance(value, Parameter):
             self._parameters[name] = value
         elif isinstance(value, Module):
@@ -64,13 +69,16 @@ class Module:
     def __delattr__(self, name):
         for store in (self._parameters, self._modules, self._buffers):
             store.pop(name, None)
+        self._non_persistent.discard(name)
         object.__delattr__(self, name)
 
     def register_buffer(self, name: str, array, persistent: bool = True) -> None:
         """A non-learnable array that moves with the module (and is saved if persistent)."""
         object.__setattr__(self, name, array)
         self._buffers[name] = array
-        if not persistent:
+        if persistent:
+            self._non_persistent.discard(name)
+        else:
             self._non_persistent.add(name)
 
     def add_module(self, name: str, module: "Module") -> None:
@@ -78,15 +86,16 @@ class Module:
 
     # ------------------------------------------------------------------ traversal
     def named_modules(self, prefix: str = ""):
+        """Depth-first, in assignment order (PyTorch's order); a shared module is listed once."""
         stack = [(prefix, self)]
         seen = set()
         while stack:
-            name, m = stack.pop(0)
+            name, m = stack.pop()
             if id(m) in seen:
                 continue
             seen.add(id(m))
             yield name, m
-            for n, child in m._modules.items():
+            for n, child in reversed(m._modules.items()):
                 stack.append((f"{name}.{n}" if name else n, child))
 
     def modules(self):
@@ -150,8 +159,13 @@ class Module:
             if p.grad is not None:
                 p.grad = None
         for _, m, n, b in list(self.named_buffers()):
-            if device is not None and hasattr(b, "shape"):
-                m.register_buffer(n, backend.to_device(b, device), persistent=n not in m._non_persistent)
+            if not hasattr(b, "shape"):
+                continue
+            if dtype is not None and b.dtype.kind == "f":  # integer buffers (ids, masks) keep their dtype
+                b = b.astype(dtype)
+            if device is not None:
+                b = backend.to_device(b, device)
+            m.register_buffer(n, b, persistent=n not in m._non_persistent)
         return self
 
     @property

@@ -1,0 +1,206 @@
+"""Configuration: dataclasses with commented defaults, loaded from YAML, overridable by key=value.
+
+A YAML file has up to three sections, ``model``, ``data`` and ``train``, whose keys are
+the fields below. Overrides on the command line look like ``train.max_iters=200`` or,
+when the key name is unique across sections, ``max_iters=200``. Every value is checked
+against the field's type; an unknown key is an error that lists the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0         # 0: taken from the tokenizer when training starts
+    block_size: int = 64        # context length in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True           # biases in Linear layers and LayerNorms, as GPT-2
+    attention: str = "auto"     # "auto" (fastest available), "naive" (materialises T x T scores)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "python-docs"  # a .txt/.jsonl file, a folder, or a built-in name
+    text_field: str = "text"     # the field holding the text in .jsonl records
+    tokenizer: str = "char"      # "char" or "bpe"
+    vocab_size: int = 512        # BPE only: vocabulary size to learn
+    val_fraction: float = 0.1    # the last 10% of the tokens are the validation split
+    cache_dir: typing.Optional[str] = None  # where token arrays are cached (default: a user cache dir)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4          # cosine decay ends here
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0       # 0: decay over max_iters
+    weight_decay: float = 0.1     # applied to matrices only, not to biases, norms or embeddings' ... see train.py
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0        # 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 20          # batches per split in each evaluation
+    log_interval: int = 10
+    device: str = "cpu"           # "cpu" or "cuda"
+    dtype: str = "float32"
+    seed: int = 42
+    progress: bool = True         # tqdm progress bar
+    sample_tokens: int = 200      # length of the sample printed at the end (0: none)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_value(where: str, tp, value):
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(where, args[0], value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _apply_section(obj, section: str, values: dict, source: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section '{section}' must be a mapping, got {type(values).__name__}")
+    types = _field_types(type(obj))
+    for k, v in values.items():
+        if k not in types:
+            raise ConfigError(f"{source}: unknown key '{section}.{k}'; valid keys in '{section}': "
+                              f"{', '.join(sorted(types))}")
+        setattr(obj, k, _check_value(f"{source}: {section}.{k}", types[k], v))
+
+
+def config_from_dict(d: dict, source: str = "config") -> Config:
+    cfg = Config()
+    if d is None:
+        return cfg
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{section}'; valid sections: {', '.join(SECTIONS)}")
+        _apply_section(getattr(cfg, section), section, values or {}, source)
+    return cfg
+
+
+def load_config(path: str | None) -> Config:
+    """Read a YAML config (``yaml.safe_load``: no code runs); None gives the defaults."""
+    if path is None:
+        return Config()
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    return config_from_dict(d, source=path)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` (or unique ``key=value``) strings; values parsed as YAML scalars."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_iters=100)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if "." in key:
+            section, name = key.split(".", 1)
+            if section not in SECTIONS:
+                raise ConfigError(f"override {item!r}: unknown section '{section}'; valid: {', '.join(SECTIONS)}")
+        else:
+            owners = [s for s, cls in SECTIONS.items() if key in _field_types(cls)]
+            if not owners:
+                valid = sorted(f"{s}.{k}" for s, cls in SECTIONS.items() for k in _field_types(cls))
+                raise ConfigError(f"override {item!r}: unknown key '{key}'; valid keys: {', '.join(valid)}")
+            if len(owners) > 1:
+                raise ConfigError(f"override {item!r}: '{key}' exists in sections {owners}; "
+                                  f"write e.g. {owners[0]}.{key}={raw}")
+            section, name = owners[0], key
+        _apply_section(getattr(cfg, section), section, {name: value}, "override")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m, t, d = cfg.model, cfg.train, cfg.data
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    for name, v in (("model.block_size", m.block_size), ("model.n_layer", m.n_layer),
+                    ("model.n_head", m.n_head), ("train.batch_size", t.batch_size)):
+        if v <= 0:
+            raise ConfigError(f"{name} must be positive, got {v}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.attention not in ("auto", "naive", "fused"):
+        raise ConfigError(f"model.attention must be 'auto', 'naive' or 'fused', got {m.attention!r}")
+    if d.tokenizer not in ("char", "bpe"):
+        raise ConfigError(f"data.tokenizer must be 'char' or 'bpe', got {d.tokenizer!r}")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if t.max_iters < 0 or t.eval_interval <= 0 or t.eval_iters <= 0:
+        raise ConfigError("train.max_iters must be >= 0, eval_interval and eval_iters > 0")
+    if t.dtype not in ("float32", "float64"):
+        raise ConfigError(f"train.dtype must be 'float32' or 'float64', got {t.dtype!r}")
+
+
+def save_yaml(cfg: Config, path: str) -> None:
+    from minigrad.io import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,195 @@
+"""A GPT-2 style language model written on minigrad.
+
+Token and learned position embeddings, pre-LayerNorm blocks of causal multi-head
+self-attention and a GELU MLP, a final LayerNorm and a language-model head whose
+weight is tied to the token embedding. Parameter names follow GPT-2
+(``transformer.h.0.attn.c_attn.weight``) so weights map one to one onto other
+implementations.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import minigrad as mg
+from minigrad import backend, functional as F, nn, ops
+from minigrad.tensor import Tensor, no_grad
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, for incremental decoding.
+
+    ``k[i]`` and ``v[i]`` are raw arrays of shape (B, nh, S, hs); ``pos`` is S.
+    """
+
+    def __init__(self, n_layer: int):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.pos = 0
+
+    def append(self, layer: int, k, v):
+        xp = backend.get_array_module(k)
+        if self.k[layer] is not None:
+            k = xp.concatenate([self.k[layer], k], axis=2)
+            v = xp.concatenate([self.v[layer], v], axis=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def reorder(self, index) -> None:
+        """Keep batch rows ``index`` (beam search moves caches with their beams)."""
+        self.k = [None if k is None else k[index] for k in self.k]
+        self.v = [None if v is None else v[index] for v in self.v]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        # key, query, value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.attention = config.attention
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = ops.split(self.c_attn(x), 3, axis=2)                  # 3 x (B, T, C)
+        q = q.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                # (B, nh, T, hs)
+        k = k.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                # (B, nh, T, hs)
+        v = v.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                # (B, nh, T, hs)
+        if cache is not None:
+            # decoding runs under no_grad: the cache holds raw arrays of all past positions
+            kd, vd = cache.append(layer, k.data, v.data)                  # (B, nh, S, hs)
+            k, v = Tensor(kd), Tensor(vd)
+        y = attention(q, k, v, self.attn_dropout if self.training else 0.0, self.attention)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                     # re-assemble heads
+        return self.resid_dropout(self.c_proj(y))
+
+
+def attention(q, k, v, dropout_p: float = 0.0, impl: str = "auto"):
+    """Causal attention; ``impl`` picks the kernel ("naive" is the T x T reference)."""
+    return F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p,
+                                          training=dropout_p > 0)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))          # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class _Transformer(nn.Module):
+    """Holds the GPT-2 named submodules (wte, wpe, drop, h, ln_f)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("GPT: config.vocab_size must be set (it comes from the tokenizer)")
+        self.config = config
+        self.transformer = _Transformer(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the output projection reuses the token embedding matrix
+        self.lm_head.weight = self.transformer.wte.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        rng = backend.get_rng(np)
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                p.data[...] = 0
+            elif "ln_" in name:          # LayerNorm gains start at one
+                p.data[...] = 1
+            else:                        # GPT-2: N(0, 0.02) for matrices and embeddings
+                std = 0.02
+                if name.endswith("c_proj.weight"):
+                    # residual projections scaled by 1/sqrt(2 * n_layer): two per block add
+                    # into the residual stream, so its variance stays flat with depth
+                    std = 0.02 / math.sqrt(2 * self.config.n_layer)
+                p.data[...] = rng.standard_normal(p.shape) * std
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings excluded by default (as nanoGPT reports it)."""
+        n = self.num_parameters()
+        if non_embedding:
+            n -= self.transformer.wpe.weight.size
+        return n
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """idx: (B, T) token ids. Returns (logits, loss); loss is None without targets.
+
+        Without targets only the last position's logits are computed (generation).
+        """
+        idx = idx.data if isinstance(idx, Tensor) else idx
+        B, T = idx.shape
+        pos0 = cache.pos if cache is not None else 0
+        if pos0 + T > self.config.block_size:
+            raise ValueError(f"GPT: sequence of {pos0 + T} positions exceeds block_size "
+                             f"{self.config.block_size}")
+        xp = backend.get_array_module(self.transformer.wte.weight.data)
+        idx = xp.asarray(idx)
+        pos = xp.arange(pos0, pos0 + T)
+        tok_emb = self.transformer.wte(idx)                              # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)                              # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.pos += T
+        if targets is not None:
+            logits = self.lm_head(x)                                     # (B, T, V)
+            loss = F.cross_entropy(logits, targets)
+            return logits, loss
+        logits = self.lm_head(x[:, -1:, :])                             # (B, 1, V)
+        return logits, None
+
+    def configure_optimizer(self, lr: float, weight_decay: float, betas, eps: float = 1e-8):
+        """AdamW with decay on matrices only: biases and LayerNorm gains are not decayed."""
+        decay, no_decay = [], []
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 else no_decay).append((n, p))
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return mg.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+
+    @no_grad()
+    def logits_last(self, idx, cache: KVCache | None = None):
+        logits, _ = self.forward(idx, cache=cache)
+        return logits.data[:, -1, :]                                    # (B, V)
