@@ -603,18 +603,19 @@ def broadcast_to(x, shape):
     return BroadcastTo(shape)(x)
 
 
-def _raw_index(index):
+def _raw_index(index, xp=np):
+    """Index arrays as arrays of ``xp`` (CuPy does not take NumPy index arrays implicitly)."""
     if isinstance(index, tuple):
-        return tuple(_raw_index(i) for i in index)
+        return tuple(_raw_index(i, xp) for i in index)
     if isinstance(index, Tensor):
-        return index.data
-    if isinstance(index, list):
-        return np.asarray(index)
+        index = index.data
+    if isinstance(index, list) or (xp is not np and isinstance(index, np.ndarray)):
+        return xp.asarray(index)
     return index
 
 
 def getitem(x, index):
-    return GetItem(_raw_index(index))(x)
+    return GetItem(_raw_index(index, get_array_module(x)))(x)
 
 
 def concatenate(xs, axis=0):
@@ -636,6 +637,9 @@ def split(x, indices_or_sections, axis=0):
 def where(cond, a, b):
     cond = cond.data if isinstance(cond, Tensor) else cond
     _check_pair("where", a, b)
+    xp = get_array_module(a, b)
+    if xp is not np:  # a NumPy mask meeting tensors on the GPU
+        cond = xp.asarray(cond)
     return Where(cond)(a, b)
 
 

@@ -12,6 +12,7 @@ matplotlib is imported inside the functions, so ``import minigrad`` never pays f
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import sys
@@ -76,6 +77,15 @@ def _ema(values: np.ndarray, weight: float) -> np.ndarray:
     for i, v in enumerate(values):
         acc = weight * acc + (1.0 - weight) * v
         out[i] = acc
+    return out
+
+
+def _ema_with_gaps(values: np.ndarray, weight: float) -> np.ndarray:
+    """EMA over the finite values; non-finite entries stay as they are (gaps, blow-ups)."""
+    out = values.copy()
+    ok = np.isfinite(values)
+    if ok.any():
+        out[ok] = _ema(values[ok], weight)
     return out
 
 
@@ -169,10 +179,13 @@ def plot_grad_norms(named_norms, steps=None, *, ax=None, path=None, title: str =
 
     ``named_norms``: a dict name -> norm (as from ``grad_norms``) gives a horizontal bar
     chart, first parameter on top, so vanishing or exploding layers stand out; a list of
-    such dicts (one per recorded step, ``steps`` their x values) gives lines. Non-finite
-    norms (nan, inf: a blown-up step) are marked in red on the bar chart. A log axis is
-    used when ``logy`` and all finite norms are positive. ``smooth`` in [0, 1) draws the lines
+    such dicts (one per recorded step, ``steps`` their x values) gives lines. On the bar
+    chart non-finite norms (nan, inf: a blown-up step) are written in red, and zero norms
+    in grey when the axis is logarithmic. ``logy`` asks for log axes (lines: only when all
+    finite norms are positive). ``smooth`` in [0, 1) draws the lines
     as exponential moving averages (per-step norms are noisy); it does not apply to bars.
+    Past ``max_legend`` names the legend is left out: for a deep model pass a subset (one
+    weight per block, say) to get readable lines.
     """
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"plot_grad_norms: smooth must be in [0, 1), got {smooth}")
@@ -183,23 +196,25 @@ def plot_grad_norms(named_norms, steps=None, *, ax=None, path=None, title: str =
         names = list(named_norms)
         vals = np.array([float(named_norms[n]) for n in names])
         finite = np.isfinite(vals)
+        use_log = logy and bool(np.any(finite & (vals > 0)))
+        # a log axis has no 0: zero norms (a layer that got no signal) get a label, like nan/inf
+        drawn = finite & (vals > 0) if use_log else finite
         fig, ax = _figure_and_ax(ax, figsize or (6.4, max(2.5, 0.28 * len(names) + 1.2)))
         pos = np.arange(len(names))
-        shown = np.where(finite, vals, 0.0)
-        use_log = logy and finite.any() and np.all(vals[finite] > 0)
-        if use_log:  # bars start at the axis' left edge; zero-length for non-finite ones
-            shown = np.where(finite, vals, np.nan)
-        ax.barh(pos, shown, color=np.where(finite, "C0", "C3"))
-        for i in np.flatnonzero(~finite):
-            ax.text(0.01, i, f" {vals[i]}", transform=ax.get_yaxis_transform(), va="center", color="C3")
+        ax.barh(pos[drawn], vals[drawn], color="C0")
+        for i in np.flatnonzero(~drawn):
+            ax.text(0.01, i, f" {vals[i]:g}", transform=ax.get_yaxis_transform(), va="center",
+                    color="C3" if not finite[i] else "dimgray")
         ax.set_yticks(pos, names, fontsize=8 if len(names) > 15 else None)
-        ax.invert_yaxis()
+        ax.set_ylim(len(names) - 0.5, -0.5)  # first parameter on top
         if use_log:
-            # bars start at the left edge: put it a decade boundary below the smallest norm
+            # bars grow from the left edge: put it at a power of ten below the smallest norm
             ax.set_xscale("log")
-            lo = float(vals[finite].min())
-            ax.set_xlim(left=10.0 ** (math.floor(math.log10(lo)) if lo < 10 ** math.floor(math.log10(lo)) * 2
-                                      else math.floor(math.log10(lo)) ))
+            lo = float(vals[drawn].min())
+            left = 10.0 ** math.floor(math.log10(lo))
+            ax.set_xlim(left=left / 10 if lo < 2 * left else left)  # the shortest bar stays visible
+            from matplotlib.ticker import NullFormatter
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labels at 2x, 3x ... would overlap
         ax.set_xlabel("L2 norm of .grad")
         ax.grid(True, axis="x", alpha=0.3)
         ax.set_title(title)
@@ -223,6 +238,8 @@ def plot_grad_norms(named_norms, steps=None, *, ax=None, path=None, title: str =
     allv = []
     for n in names:
         ys = np.array([float(r.get(n, np.nan)) for r in records])  # missing on a step: a gap
+        if smooth > 0:
+            ys = _ema_with_gaps(ys, smooth)
         allv.append(ys)
         ax.plot(x, ys, label=n, linewidth=1.2)
     allv = np.concatenate(allv)
@@ -249,8 +266,8 @@ def plot_memory_timeline(timeline, *, ax=None, path=None, title: str = "Memory",
     ``categories`` fixes which are drawn and in what order (bottom first); by default all, in
     first-seen order. ``step="post"`` holds each value until the next event (memory does not
     change between allocations); ``None`` interpolates linearly. The peak of the total is
-    marked, and where the label changes a faint line is drawn (with text, when there are at
-    most ``annotate_labels`` changes).
+    marked, and where the label changes a faint line is drawn (named along the top edge when
+    there are at most ``annotate_labels`` changes).
     """
     if isinstance(timeline, dict) or not hasattr(timeline, "__iter__"):
         raise TypeError(f"plot_memory_timeline: expected a list of dicts, got {type(timeline).__name__}")
@@ -303,10 +320,12 @@ def plot_memory_timeline(timeline, *, ax=None, path=None, title: str = "Memory",
     changes = [i for i in range(len(events)) if labels[i] and (i == 0 or labels[i] != labels[i - 1])]
     for i in changes:
         ax.axvline(t[i], color="gray", linewidth=0.6, alpha=0.5)
-        if len(changes) <= annotate_labels:
-            ax.text(t[i], 1.0, f" {labels[i]}", transform=ax.get_xaxis_transform(), rotation=90,
-                    va="top", ha="left", fontsize=7, color="dimgray")
-    ax.set_ylim(0, max(float(total.max()) * 1.15, 1e-9))
+    if changes and len(changes) <= annotate_labels:  # phase names along the top edge
+        top_axis = ax.secondary_xaxis("top")
+        rot = 0 if len(changes) <= 4 else 35
+        top_axis.set_xticks([t[i] for i in changes], [str(labels[i]) for i in changes], fontsize=7,
+                            color="dimgray", rotation=rot, ha="center" if rot == 0 else "left")
+    ax.set_ylim(0, max(float(total.max()) * 1.18, 1e-9))
     ax.set_xlabel("t")
     ax.set_ylabel("MiB")
     ax.set_title(title)

@@ -82,10 +82,10 @@ def _on_device(fn, device):
 
 
 def helper_test_op(shapes, mg_fn, torch_fn=None, *, low=-2.0, high=2.0, device="cpu",
-                   numerical=True, grad=True, finite=True, atol=1e-8, rtol=1e-6, seed=0):
+                   numerical=True, finite=True, atol=1e-8, rtol=1e-6, seed=0):
     """Check ``mg_fn``: numerical gradient (``numerical``), ``device`` vs CPU, and ``torch_fn`` if given.
 
-    ``grad=False`` checks the forward only; ``finite=False`` allows inf/nan outputs.
+    ``finite=False`` allows inf/nan outputs.
     """
     arrays = make_inputs(shapes, low, high, seed)
     outs, grads, weights = run_minigrad(mg_fn, arrays)
@@ -94,7 +94,7 @@ def helper_test_op(shapes, mg_fn, torch_fn=None, *, low=-2.0, high=2.0, device="
             assert o.dtype == np.float64, f"output {i}: float64 inputs gave {o.dtype}"
             if finite:
                 assert np.all(np.isfinite(o)), f"output {i} is not finite:\n{o}"
-    if grad and numerical:
+    if numerical:
         gradcheck(mg_fn if device == "cpu" else _on_device(mg_fn, device), arrays,
                   name=getattr(mg_fn, "__name__", "op"))
     if device != "cpu":
@@ -109,8 +109,7 @@ def helper_test_op(shapes, mg_fn, torch_fn=None, *, low=-2.0, high=2.0, device="
         assert len(t_outs) == len(outs), f"{len(outs)} outputs, torch gives {len(t_outs)}"
         for i, (a, b) in enumerate(zip(outs, t_outs)):
             assert_close(a, b, f"output {i} vs torch", atol, rtol)
-        if grad:
-            for i, (a, b) in enumerate(zip(grads, t_grads)):
-                if b is not None:
-                    assert_close(a, b, f"gradient of input {i} vs torch", atol, rtol)
+        for i, (a, b) in enumerate(zip(grads, t_grads)):
+            if b is not None:
+                assert_close(a, b, f"gradient of input {i} vs torch", atol, rtol)
     return outs, grads

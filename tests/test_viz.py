@@ -1,5 +1,7 @@
 """minigrad.viz: every plot returns a Figure and writes a non-empty PNG; bad input fails clearly."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -163,5 +165,18 @@ def test_import_minigrad_does_not_import_matplotlib():
     import subprocess
     import sys
     code = "import sys, minigrad, minigrad.viz; print('matplotlib' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"
+
+
+def test_plot_grad_norms_smoothed_lines(tmp_path):
+    rng = np.random.default_rng(0)
+    records = [{"w": float(v), "b": float("nan") if i == 5 else 0.1} for i, v in enumerate(rng.uniform(0.5, 2, 40))]
+    fig = viz.plot_grad_norms(records, smooth=0.9, path=tmp_path / "g.png")
+    ax = fig.axes[0]
+    w_line = ax.lines[0].get_ydata()
+    assert np.ptp(w_line) < np.ptp([r["w"] for r in records])  # smoothing narrows the range
+    assert np.isnan(ax.lines[1].get_ydata()[5])                 # a non-finite point stays visible as a gap
+    with pytest.raises(ValueError, match="smooth"):
+        viz.plot_grad_norms(records, smooth=1.5)
