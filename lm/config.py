@@ -19,6 +19,9 @@ class ConfigError(ValueError):
     pass
 
 
+ATTENTION_IMPLS = ("auto", "blocked", "flash", "naive")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 0         # 0: taken from the tokenizer when training starts
@@ -28,7 +31,7 @@ class ModelConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True           # biases in Linear layers and LayerNorms, as GPT-2
-    attention: str = "auto"     # "auto" (fastest available), "naive" (materialises T x T scores)
+    attention: str = "auto"     # "auto" (fastest kernel), "blocked", "flash" (Numba), "naive" (T x T scores)
 
 
 @dataclass
@@ -189,8 +192,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} must be positive, got {v}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.attention not in ("auto", "naive", "fused"):
-        raise ConfigError(f"model.attention must be 'auto', 'naive' or 'fused', got {m.attention!r}")
+    if m.attention not in ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_IMPLS)}, got {m.attention!r}")
     if d.tokenizer not in ("char", "bpe"):
         raise ConfigError(f"data.tokenizer must be 'char' or 'bpe', got {d.tokenizer!r}")
     if not 0.0 < d.val_fraction < 1.0:

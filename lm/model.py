@@ -14,6 +14,7 @@ import numpy as np
 
 import minigrad as mg
 from minigrad import backend, functional as F, nn, ops
+from minigrad.kernels.attention import attention as fused_attention, decode_attention
 from minigrad.tensor import Tensor, no_grad
 
 from .config import ModelConfig
@@ -73,9 +74,23 @@ class CausalSelfAttention(nn.Module):
 
 
 def attention(q, k, v, dropout_p: float = 0.0, impl: str = "auto"):
-    """Causal attention; ``impl`` picks the kernel ("naive" is the T x T reference)."""
-    return F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p,
-                                          training=dropout_p > 0)
+    """Causal attention over (B, nh, T, hs) tensors.
+
+    ``impl``: "naive" materialises the (T, S) scores with composite ops (the reference,
+    and the only one with attention dropout); "auto"/"blocked"/"flash" use the kernels of
+    ``minigrad.kernels.attention`` that keep only the output and the row log-sum-exp.
+    """
+    if impl == "naive" or dropout_p > 0:
+        return F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p,
+                                              training=dropout_p > 0)
+    if not mg.is_grad_enabled() and q.shape[-2] == 1:
+        # decoding one token against the cache: every cached position is visible, no mask
+        xp = backend.get_array_module(q.data)
+        B, nh, _, hs = q.shape
+        y = decode_attention(q.data.reshape(B * nh, 1, hs), xp.ascontiguousarray(k.data).reshape(B * nh, -1, hs),
+                             xp.ascontiguousarray(v.data).reshape(B * nh, -1, hs), 1.0 / math.sqrt(hs))
+        return Tensor(y.reshape(B, nh, 1, hs))
+    return fused_attention(q, k, v, causal=True, impl=impl)
 
 
 class MLP(nn.Module):

@@ -141,6 +141,19 @@ def set_rng_state(state, xp=np) -> None:
         _rngs[key] = copy.deepcopy(state)
 
 
+# --------------------------------------------------------------------------- memory
+def memory_pool_bytes() -> tuple:
+    """(used, held) bytes of CuPy's default device memory pool; (0, 0) without a usable GPU.
+
+    ``used`` is what live arrays occupy (rounded up to the pool's block size); ``held`` adds
+    the freed blocks the pool keeps for reuse, i.e. what the GPU sees as taken.
+    """
+    if not cuda_available():
+        return 0, 0
+    pool = _cupy.get_default_memory_pool()
+    return int(pool.used_bytes()), int(pool.total_bytes())
+
+
 # --------------------------------------------------------------------------- kernels
 # Where NumPy and CuPy differ, the branch is written here once.
 

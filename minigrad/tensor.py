@@ -48,6 +48,43 @@ def is_grad_enabled() -> bool:
     return _grad_enabled
 
 
+# --------------------------------------------------------------------------- observers
+# Tools that watch the engine (memory accounting, checkpointing's search for the weights a
+# function reads) subclass Observer and install it with `observe`. While none is installed
+# the engine pays one truth test of this empty list per op.
+_observers: list = []
+
+
+class Observer:
+    """Callbacks from the engine; every one is optional."""
+
+    def on_call(self, fn, inputs, outputs):            # after any Function call (recorded or not)
+        pass
+
+    def on_save(self, fn, arrays):                     # a recorded Function kept arrays for backward
+        pass
+
+    def on_backward_step(self, fn, pending, leaves):   # fn's backward ran; its saved arrays may be freed
+        pass
+
+    def on_backward_end(self, pending, leaves):        # a backward pass finished
+        pass
+
+
+@contextlib.contextmanager
+def observe(observer: Observer):
+    _observers.append(observer)
+    try:
+        yield observer
+    finally:
+        _observers.remove(observer)
+
+
+def _notify(event: str, *args) -> None:
+    for o in list(_observers):
+        getattr(o, event)(*args)
+
+
 def set_default_dtype(dtype) -> None:
     """dtype given to tensors made from Python floats (float32 unless changed)."""
     global _default_dtype
@@ -275,11 +312,15 @@ class Function:
                 self._out_meta = [(y.shape, y.dtype) for y in ys]
         else:
             self.saved = ()
+        if _observers:
+            _notify("on_call", self, tensors, outputs)
         return outputs[0] if single else tuple(outputs)
 
     def save_for_backward(self, *arrays) -> None:
         if self._record:
             self.saved = arrays
+            if _observers:
+                _notify("on_save", self, arrays)
 
     def forward(self, *xs):
         raise NotImplementedError
@@ -389,6 +430,8 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
                     entry[1] = entry[1] + gx
             else:
                 _accumulate(pending, (id(x.creator), x._out_index), gx)
+        if _observers:
+            _notify("on_backward_step", fn, pending, leaves)
     for x, g in leaves.values():
         if x._hooks:
             g = _apply_hooks(x, g)
@@ -405,6 +448,8 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
             x.grad = Tensor(g)
         else:
             x.grad.data += g  # accumulate in place: no new buffer per backward
+    if _observers:
+        _notify("on_backward_end", pending, leaves)
 
 
 def tensor(data, requires_grad: bool = False, dtype=None, device: str | None = None) -> Tensor:

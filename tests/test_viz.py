@@ -70,6 +70,16 @@ def test_grad_norms_match_numpy():
         assert norms[n] == pytest.approx(float(np.linalg.norm(p.grad.numpy().astype(np.float64))))
 
 
+def test_grad_norms_on_each_backend(backend):
+    minigrad.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(backend)
+    model(minigrad.randn(6, 3, device=backend)).sum().backward()
+    norms = viz.grad_norms(model)
+    assert all(isinstance(v, float) for v in norms.values())
+    for n, p in model.named_parameters():
+        assert norms[n] == pytest.approx(float(np.linalg.norm(p.grad.numpy().astype(np.float64))))
+
+
 def test_grad_norms_skips_params_without_grad_and_errors_when_none():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backward"):

@@ -63,8 +63,12 @@ def _future(T, S, xp):
 
 
 # --------------------------------------------------------------------------- Numba flash
+# Reassociation lets LLVM vectorise the dot-product loops; no "nnan"/"ninf" flags, because
+# -inf (masked scores, the running max's start) and NaN (a diverging run) must behave.
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+
 if HAVE_NUMBA:
-    @numba.njit(parallel=True, cache=True, fastmath=True)
+    @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
     def _flash_fwd(q, k, v, scale, causal, tile, o, lse):
         BH, T, D = q.shape
         S = k.shape[1]
@@ -115,7 +119,7 @@ if HAVE_NUMBA:
                     o[b, i0 + ii, d] = acc[ii, d] * inv
                 lse[b, i0 + ii] = m[ii] + math.log(lsum[ii])
 
-    @numba.njit(parallel=True, cache=True, fastmath=True)
+    @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
     def _flash_bwd_dq(q, k, v, o, lse, do, scale, causal, dq):
         # one query row at a time: dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j
         BH, T, D = q.shape
@@ -141,7 +145,7 @@ if HAVE_NUMBA:
                 for d in range(D):
                     dq[b, i, d] += ds * k[b, j, d]
 
-    @numba.njit(parallel=True, cache=True, fastmath=True)
+    @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
     def _flash_bwd_dkv(q, k, v, o, lse, do, scale, causal, dk, dv):
         # one key row at a time (no write conflicts between threads): sums over the queries that see it
         BH, T, D = q.shape
@@ -168,11 +172,11 @@ if HAVE_NUMBA:
                     dv[b, j, d] += p * do[b, i, d]
                     dk[b, j, d] += ds * q[b, i, d]
 
-    @numba.njit(parallel=True, cache=True, fastmath=True)
+    @numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
     def _softmax_rows(s, scale, row0, causal, lse):
         # s (BH, R, S) raw scores of query rows row0.. -> probabilities in place; lse (BH, R) out
         BH, R, S = s.shape
-        for n in numba.prange(BH * R):
+        for n in range(BH * R):
             b = n // R
             r = n % R
             lim = min(S, row0 + r + 1) if causal else S
@@ -194,11 +198,11 @@ if HAVE_NUMBA:
                 s[b, r, j] = 0.0
             lse[b, r] = mx + math.log(tot)
 
-    @numba.njit(parallel=True, cache=True, fastmath=True)
+    @numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
     def _softmax_grad_rows(s, dp, lse, delta, scale, row0, causal):
         # s: raw scores -> p in place; dp: dO V^T -> dS (already times scale) in place
         BH, R, S = s.shape
-        for n in numba.prange(BH * R):
+        for n in range(BH * R):
             b = n // R
             r = n % R
             lim = min(S, row0 + r + 1) if causal else S
