@@ -32,6 +32,8 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True           # biases in Linear layers and LayerNorms, as GPT-2
     attention: str = "auto"     # "auto" (fastest kernel), "blocked", "flash" (Numba), "naive" (T x T scores)
+    checkpoint_every: int = 0   # 0: off; k: checkpoint the blocks in groups of k (recomputed in backward)
+    reversible: bool = False    # reversible two-stream blocks: activation memory flat in depth
 
 
 @dataclass
@@ -64,6 +66,8 @@ class TrainConfig:
     seed: int = 42
     progress: bool = True         # tqdm progress bar
     sample_tokens: int = 200      # length of the sample printed at the end (0: none)
+    log_memory: bool = False      # peak memory by category per step in metrics.jsonl, memory.png
+    log_grad_stats: bool = False  # per-layer gradient norms and update/weight ratios, grad_flow.png
 
 
 @dataclass
@@ -190,6 +194,8 @@ def validate(cfg: Config) -> None:
                     ("model.n_head", m.n_head), ("train.batch_size", t.batch_size)):
         if v <= 0:
             raise ConfigError(f"{name} must be positive, got {v}")
+    if m.checkpoint_every < 0:
+        raise ConfigError(f"model.checkpoint_every must be >= 0 (0: off), got {m.checkpoint_every}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.attention not in ATTENTION_IMPLS:

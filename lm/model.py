@@ -15,7 +15,9 @@ import numpy as np
 import minigrad as mg
 from minigrad import backend, functional as F, nn, ops
 from minigrad.kernels.attention import attention as fused_attention, decode_attention
-from minigrad.tensor import Tensor, no_grad
+from minigrad.checkpoint import checkpoint
+from minigrad.nn.reversible import reversible_sequence
+from minigrad.tensor import Tensor, is_grad_enabled, no_grad
 
 from .config import ModelConfig
 
@@ -118,6 +120,12 @@ class Block(nn.Module):
         return x
 
 
+def _run_group(blocks, x):
+    for block in blocks:
+        x = block(x)
+    return x
+
+
 class _Transformer(nn.Module):
     """Holds the GPT-2 named submodules (wte, wpe, drop, h, ln_f)."""
 
@@ -181,8 +189,7 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)                              # (B, T, C)
         pos_emb = self.transformer.wpe(pos)                              # (T, C)
         x = self.transformer.drop(tok_emb + pos_emb)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+        x = self._run_blocks(x, cache)                                   # (B, T, C)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T
@@ -192,6 +199,36 @@ class GPT(nn.Module):
             return logits, loss
         logits = self.lm_head(x[:, -1:, :])                             # (B, 1, V)
         return logits, None
+
+    def _run_blocks(self, x, cache: KVCache | None = None):
+        """The residual stack, plain or with the memory switches of the config.
+
+        ``checkpoint_every=k``: blocks run in groups of k, each group checkpointed (only its
+        input is kept; it is recomputed in backward). ``reversible``: Reformer-style two
+        streams, F = attention sublayer (ln_1 + attn), G = MLP sublayer (ln_2 + mlp); the input
+        is duplicated into (x, x) and the output is the mean of the streams. Both together: the
+        reversible stack is cut every k blocks; each cut keeps its two streams (a checkpoint of
+        the stack), so inputs are rebuilt over at most k blocks, which bounds the rounding
+        drift of the reconstruction, for 2*B*T*C values per cut. The parameters are the same
+        with every switch, so weights trained one way load into the other.
+        """
+        blocks, k = list(self.transformer.h), self.config.checkpoint_every
+        if self.config.reversible:
+            couplings = [(lambda h, b=b, i=i: b.attn(b.ln_1(h), cache, i),   # F
+                          lambda h, b=b: b.mlp(b.ln_2(h)))                    # G
+                         for i, b in enumerate(blocks)]
+            k = k or len(blocks)
+            x1 = x2 = x
+            for s in range(0, len(blocks), k):
+                x1, x2 = reversible_sequence(couplings[s:s + k], x1, x2)
+            return (x1 + x2) * 0.5
+        if k and cache is None and is_grad_enabled():
+            for s in range(0, len(blocks), k):
+                x = checkpoint(_run_group, blocks[s:s + k], x)
+            return x
+        for i, block in enumerate(blocks):
+            x = block(x, cache, i)
+        return x
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas, eps: float = 1e-8):
         """AdamW with decay on matrices only: biases and LayerNorm gains are not decayed."""

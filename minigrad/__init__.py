@@ -40,4 +40,4 @@ def arange(*args, dtype=None, device="cpu"):
     xp = backend.xp_for_device(device)
     return Tensor(xp.arange(*args, dtype=dtype))
 
-from . import gradcheck, io, nn, optim  # noqa: E402  (they import the core above)
+from . import checkpoint, gradcheck, io, memory, nn, optim  # noqa: E402  (they import the core above)

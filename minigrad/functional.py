@@ -11,6 +11,7 @@ import numpy as np
 
 from . import backend
 from . import ops
+from .kernels import fused as _fused
 from .tensor import Tensor
 
 
@@ -41,7 +42,8 @@ def log_softmax(x, axis=-1):
     return x - logsumexp(x, axis=axis, keepdims=True)
 
 
-def cross_entropy(logits, targets, ignore_index: int | None = -100, reduction: str = "mean"):
+def cross_entropy(logits, targets, ignore_index: int | None = -100, reduction: str = "mean",
+                  fused: bool = True):
     """Cross-entropy of ``logits`` (..., C) against integer ``targets`` (...).
 
     ``reduction="mean"`` averages over the targets that are not ``ignore_index``
@@ -57,13 +59,15 @@ def cross_entropy(logits, targets, ignore_index: int | None = -100, reduction: s
         raise ops.ShapeError(f"cross_entropy: logits of shape {logits.shape} need targets of shape "
                              f"{logits.shape[:-1]}, got {t.shape}")
     C = logits.shape[-1]
-    lp = log_softmax(logits.reshape(-1, C), axis=-1)                   # (N, C)
     tf = t.reshape(-1)
     valid = tf != ignore_index if ignore_index is not None else xp.ones(tf.shape, dtype=bool)
     safe_t = xp.where(valid, tf, 0)
     if int(((safe_t < 0) | (safe_t >= C)).sum()):
         bad = backend.to_numpy(safe_t[(safe_t < 0) | (safe_t >= C)])[:5]
         raise IndexError(f"cross_entropy: target ids {bad.tolist()} out of range for {C} classes")
+    if fused and reduction == "mean":
+        return _fused.SoftmaxCrossEntropy(tf, ignore_index)(logits.reshape(-1, C))
+    lp = log_softmax(logits.reshape(-1, C), axis=-1)                   # (N, C)
     picked = lp[xp.arange(tf.shape[0]), safe_t]                         # (N,)
     nll = -ops.where(valid, picked, 0.0)
     if reduction == "none":
@@ -76,9 +80,14 @@ def cross_entropy(logits, targets, ignore_index: int | None = -100, reduction: s
     return ops.sum(nll) * (1.0 / max(n, 1))
 
 
-def gelu(x, approximate: str = "tanh"):
-    """GELU. ``approximate="tanh"`` is GPT-2's formula; ``"none"`` is exact (with erf)."""
+def gelu(x, approximate: str = "tanh", fused: bool = True):
+    """GELU. ``approximate="tanh"`` is GPT-2's formula; ``"none"`` is exact (with erf).
+
+    ``fused=True`` runs the tanh form as one node (``kernels.fused.GeluTanh``).
+    """
     x = _as_tensor(x)
+    if approximate == "tanh" and fused:
+        return _fused.GeluTanh()(x)
     if approximate == "tanh":
         c = math.sqrt(2.0 / math.pi)
         return 0.5 * x * (1.0 + ops.tanh(c * (x + 0.044715 * x * x * x)))
@@ -92,9 +101,19 @@ def sigmoid(x):
     return 0.5 * (ops.tanh(x * 0.5) + 1.0)  # tanh form: no overflow for large |x|
 
 
-def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
-    """Normalise over the last axis, then scale and shift."""
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, fused: bool = True):
+    """Normalise over the last axis, then scale and shift.
+
+    ``fused=True`` is one node with a hand-written backward (``kernels.fused.LayerNorm``);
+    ``fused=False`` is the composite below, its reference.
+    """
     x = _as_tensor(x)
+    if fused:
+        if weight is None and bias is not None:   # the node takes (x, weight, bias) in order
+            weight = Tensor(backend.get_array_module(x.data).ones(x.shape[-1], dtype=x.dtype))
+        if weight is not None:
+            ops._check_pair("layer_norm", x, weight)
+        return _fused.LayerNorm(eps)(*[a for a in (x, weight, bias) if a is not None])
     mu = ops.mean(x, axis=-1, keepdims=True)
     d = x - mu
     v = ops.mean(d * d, axis=-1, keepdims=True)

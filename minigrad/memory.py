@@ -82,13 +82,6 @@ def _roots(arrays) -> dict:
     return out
 
 
-class _FnEntry:
-    __slots__ = ("saved", "inputs")
-
-    def __init__(self):
-        self.saved, self.inputs = [], []
-
-
 class MemoryTracker(Observer):
     """Live memory accounting by category over a training step; see the module docstring.
 
@@ -110,7 +103,8 @@ class MemoryTracker(Observer):
         self.optimizer = optimizer
         self.record_timeline = timeline
         self._bufs: dict = {}        # id(root) -> [root, nbytes, n_act, n_other]
-        self._fns: dict = {}         # id(Function) -> _FnEntry
+        self._saved: dict = {}       # id(Function) -> ids of the buffers it saved
+        self._held: set = set()      # ids of the tensors whose data is counted (until they die)
         self._live = {"activations": 0, "other": 0}
         self._inflight: dict = {}    # id(pending) of a running backward -> (grad bytes, other bytes)
         self._leaf_cache: dict = {}  # id(leaves) -> (len, bytes)
@@ -267,44 +261,45 @@ class MemoryTracker(Observer):
             if after is not None:
                 self._live[after] += e[1]
 
-    def _fn_entry(self, fn) -> _FnEntry:
-        key = id(fn)
-        e = self._fns.get(key)
-        if e is None:
-            e = self._fns[key] = _FnEntry()
-            weakref.finalize(fn, self._fn_collected, key)   # the graph was dropped before backward
-        return e
+    def _unsave(self, key) -> None:
+        self._release(self._saved.pop(key, ()), _ACT)
 
-    def _fn_collected(self, key) -> None:
-        e = self._fns.pop(key, None)
-        if e is not None:
-            self._release(e.saved, _ACT)
-            self._release(e.inputs, _OTHER)
+    def _hold(self, t) -> None:
+        """Count ``t.data`` as `other` for as long as the tensor lives (once per tensor)."""
+        key = id(t)
+        if key in self._held:
+            return
+        ids = self._acquire([t.data], _OTHER)
+        if ids:
+            self._held.add(key)
+            weakref.finalize(t, self._drop, key, ids)
+
+    def _drop(self, key, ids) -> None:
+        self._held.discard(key)
+        self._release(ids, _OTHER)
 
     # ------------------------------------------------------------------ engine callbacks
     def on_save(self, fn, arrays):
-        e = self._fn_entry(fn)
-        if e.saved:                       # saved twice: the new arrays replace the old ones
-            self._release(e.saved, _ACT)
-        e.saved = self._acquire(arrays, _ACT)
+        key = id(fn)
+        if key in self._saved:            # saved twice: the new arrays replace the old ones
+            self._unsave(key)
+        else:                             # the graph may be dropped before its backward runs
+            weakref.finalize(fn, self._unsave, key)
+        self._saved[key] = self._acquire(arrays, _ACT)
 
     def on_call(self, fn, inputs, outputs):
         if not getattr(fn, "_record", False):
             return                        # no graph, nothing kept
-        e = self._fn_entry(fn)
-        # leaves the graph holds (inputs, constants); outputs of other nodes are counted as outputs
-        e.inputs = self._acquire([t.data for t in inputs if t.creator is None], _OTHER)
+        for t in inputs:                  # leaves the graph holds: inputs, constants
+            if t.creator is None:
+                self._hold(t)
         for t in outputs:
-            ids = self._acquire([t.data], _OTHER)
-            if ids:
-                weakref.finalize(t, self._release, ids, _OTHER)
+            self._hold(t)
         self._sample()
 
     def on_backward_step(self, fn, pending, leaves):
-        e = self._fns.get(id(fn))
-        if e is not None and fn.saved is None and e.saved:
-            self._release(e.saved, _ACT)
-            e.saved = []
+        if fn.saved is None:
+            self._unsave(id(fn))
         key = id(leaves)
         n, lb = self._leaf_cache.get(key, (-1, 0))
         if n != len(leaves):              # a parameter gradient appeared; sizes do not change after

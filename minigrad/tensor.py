@@ -430,6 +430,10 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
                     entry[1] = entry[1] + gx
             else:
                 _accumulate(pending, (id(x.creator), x._out_index), gx)
+        if not retain_graph:
+            # Drop the node's inputs too: the graph's intermediate tensors (and their data) are
+            # then freed as backward moves past their consumers, not when the loss is dropped.
+            fn.inputs = ()
         if _observers:
             _notify("on_backward_step", fn, pending, leaves)
     for x, g in leaves.values():

@@ -1,6 +1,7 @@
 """Neural-network building blocks."""
 from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ModuleList, ReLU, Sequential, Tanh
 from .module import Module, Parameter, StateDictError
+from .reversible import ReversibleBlock, ReversibleSequence, reversible_sequence
 
 
 def count_parameters(module: Module, trainable_only: bool = False) -> int:

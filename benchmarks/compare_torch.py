@@ -1,0 +1,744 @@
+"""minigrad next to PyTorch (CPU): training step, attention kernels, generation.
+
+    python benchmarks/compare_torch.py                      # full run (minutes)
+    python benchmarks/compare_torch.py --quick              # smoke run (tens of seconds)
+    python benchmarks/compare_torch.py --data tinyshakespeare.txt
+
+What is measured, and how:
+
+* **Training step.** The same GPT twice: ``lm.model.GPT`` and a nanoGPT-shaped PyTorch
+  model written below with the same parameter names, loaded with *our* initial weights
+  (lm_head tied to wte), trained on the same batches with the same AdamW (lr 1e-3,
+  betas (0.9, 0.99), eps 1e-8, weight decay 0.1 on tensors with ndim >= 2, exactly the
+  groups of ``GPT.configure_optimizer``) and gradient clipping at 1.0. The first-batch
+  losses must agree to 1e-4 (same weights, same work) before anything is timed. Each
+  step is split into forward (incl. the loss), backward (incl. zero_grad) and optimizer
+  (clip + step). The machines are shared and noisy, so the two frameworks alternate
+  step by step (A B, B A, A B, ...) and we report medians and their ratio.
+* **MFU.** Model FLOPs per token ``6 N + 12 L C T`` (PaLM appendix B: 6N + 12 L H Q T
+  with H Q = C; N = non-embedding parameters, i.e. without wpe, the tied wte/lm_head
+  counted once; T = block size; the attention term counts the full, non-causal T x T
+  and no elementwise work, as nanoGPT's estimate_mfu does). Divided by the median step
+  time gives achieved FLOP/s; divided again by the median NumPy float32 matmul rate
+  (2 n^3 / t for an n x n sgemm, timed here, interleaved with torch.mm) gives MFU.
+* **Attention.** Forward + backward of causal attention, batch 1, 4 heads, head size 64,
+  float32, for several T: our kernels (``minigrad.kernels.attention``: blocked, flash,
+  reference) on raw arrays, our autograd node ``attention(...)`` (impl auto), our
+  composite ``F.scaled_dot_product_attention`` and PyTorch's SDPA. Time: medians of
+  interleaved repeats. Extra memory (peak above the inputs, outputs and gradients
+  included) two ways: ``tracemalloc`` peak in this process (sees NumPy buffers, not
+  Numba's internal allocations, not PyTorch), and for every implementation, PyTorch
+  included, the resident-set high-water mark in a fresh subprocess (warm-up at a tiny
+  T, inputs allocated, peak reset through /proc/self/clear_refs, then one forward +
+  backward: VmHWM - VmRSS). A fresh process matters: a used one serves new arrays from
+  memory it already holds. Implementations whose extrapolated need (tracemalloc peak at
+  the previous T times (T / T_prev)^2) exceeds 2 GB are skipped.
+* **Generation.** Greedy decoding of 200 new tokens with ``lm.generate.generate_ids``
+  with and without the KV cache (outputs must be identical), and PyTorch without a
+  cache (nanoGPT's ``generate``) for reference.
+
+Writes report.md, results.json and compare_torch.png under --output_dir.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import minigrad as mg  # noqa: E402
+from minigrad import functional as MF  # noqa: E402
+from minigrad.kernels import attention as katt  # noqa: E402
+from lm.config import ModelConfig  # noqa: E402
+from lm.generate import generate_ids  # noqa: E402
+from lm.model import GPT  # noqa: E402
+
+try:
+    import torch
+    from torch import nn as tnn
+    from torch.nn import functional as TF
+except ImportError:  # the script explains itself in main()
+    torch = None
+
+CONFIGS = {
+    # nanoGPT's "I only have a macbook" run
+    "nanoGPT-CPU": dict(batch=12, block_size=64, n_layer=4, n_head=4, n_embd=128),
+    # nanoGPT's shakespeare_char "baby GPT"
+    "baby-GPT": dict(batch=8, block_size=256, n_layer=6, n_head=6, n_embd=384),
+}
+LR, BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP = 1e-3, (0.9, 0.99), 1e-8, 0.1, 1.0
+LOSS_TOL = 1e-4
+ATTN_HEADS, ATTN_HS = 4, 64
+MEM_LIMIT = 2 * 1024 ** 3
+ATTN_LABELS = {
+    "blocked": "ours: blocked kernel",
+    "flash": "ours: flash kernel (Numba)",
+    "reference": "ours: reference kernel",
+    "node": "ours: autograd node (auto)",
+    "composite": "ours: composite F.sdpa",
+    "torch": "PyTorch SDPA",
+}
+QUADRATIC = ("reference", "composite")   # the ones that hold T x T arrays
+
+
+# --------------------------------------------------------------------------- the PyTorch GPT
+if torch is not None:
+    class TorchSelfAttention(tnn.Module):
+        def __init__(self, c: ModelConfig):
+            super().__init__()
+            self.c_attn = tnn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)
+            self.c_proj = tnn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+            self.n_head = c.n_head
+
+        def forward(self, x):
+            B, T, C = x.shape
+            nh, hs = self.n_head, C // self.n_head
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            q = q.view(B, T, nh, hs).transpose(1, 2)                      # (B, nh, T, hs)
+            k = k.view(B, T, nh, hs).transpose(1, 2)                      # (B, nh, T, hs)
+            v = v.view(B, T, nh, hs).transpose(1, 2)                      # (B, nh, T, hs)
+            y = TF.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    class TorchMLP(tnn.Module):
+        def __init__(self, c: ModelConfig):
+            super().__init__()
+            self.c_fc = tnn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias)
+            self.c_proj = tnn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias)
+
+        def forward(self, x):
+            return self.c_proj(TF.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's GELU, as ours
+
+    class TorchBlock(tnn.Module):
+        def __init__(self, c: ModelConfig):
+            super().__init__()
+            self.ln_1 = tnn.LayerNorm(c.n_embd, bias=c.bias)
+            self.attn = TorchSelfAttention(c)
+            self.ln_2 = tnn.LayerNorm(c.n_embd, bias=c.bias)
+            self.mlp = TorchMLP(c)
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class TorchGPT(tnn.Module):
+        """nanoGPT's model without dropout (every run here uses dropout 0)."""
+
+        def __init__(self, c: ModelConfig):
+            super().__init__()
+            self.config = c
+            self.transformer = tnn.ModuleDict(dict(
+                wte=tnn.Embedding(c.vocab_size, c.n_embd),
+                wpe=tnn.Embedding(c.block_size, c.n_embd),
+                h=tnn.ModuleList([TorchBlock(c) for _ in range(c.n_layer)]),
+                ln_f=tnn.LayerNorm(c.n_embd, bias=c.bias)))
+            self.lm_head = tnn.Linear(c.n_embd, c.vocab_size, bias=False)
+            self.lm_head.weight = self.transformer.wte.weight             # weight tying
+
+        def forward(self, idx, targets=None):
+            T = idx.shape[1]
+            x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T))
+            for block in self.transformer.h:
+                x = block(x)
+            x = self.transformer.ln_f(x)
+            if targets is None:
+                return self.lm_head(x[:, [-1], :]), None
+            logits = self.lm_head(x)                                      # (B, T, V)
+            return logits, TF.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def torch_twin(model: GPT):
+    """A TorchGPT holding a copy of ``model``'s current weights."""
+    tm = TorchGPT(model.config)
+    sd = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in model.state_dict().items()}
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    tm.load_state_dict(sd, strict=True)
+    return tm
+
+
+def torch_optimizer(tm):
+    """AdamW with the groups of GPT.configure_optimizer: decay on ndim >= 2 only."""
+    params = [p for p in tm.parameters() if p.requires_grad]   # the tied weight once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # nanoGPT asks for fused AdamW on CUDA only; on CPU it gets PyTorch's default, as here
+    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+
+
+# --------------------------------------------------------------------------- helpers
+def _median(xs):
+    return float(np.median(np.asarray(xs, dtype=np.float64))) if len(xs) else float("nan")
+
+
+def md_table(headers, rows) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _mb(nbytes) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2 ** 20:,.1f}"
+
+
+def model_config(name: str, vocab: int, block_size=None) -> tuple[ModelConfig, int]:
+    c = dict(CONFIGS[name])
+    batch = c.pop("batch")
+    if block_size:
+        c["block_size"] = block_size
+    return ModelConfig(vocab_size=vocab, dropout=0.0, bias=True, attention="auto", **c), batch
+
+
+def flops_per_token(n_params: int, cfg: ModelConfig) -> int:
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+class Batches:
+    """Random token batches from a fixed generator, or windows of a corpus (``--data``)."""
+
+    def __init__(self, data_path: str | None, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.tokens = None
+        self.vocab = 65
+        if data_path:
+            from lm.data import prepare_data
+            ds = prepare_data(data_path, tokenizer_kind="char", use_cache=False)
+            self.tokens, self.vocab = np.asarray(ds.train), ds.tokenizer.vocab_size
+        self.source = f"{data_path} (char level)" if data_path else f"random tokens (vocab {self.vocab})"
+
+    def get(self, B: int, T: int):
+        if self.tokens is None:
+            xy = self.rng.integers(0, self.vocab, size=(B, T + 1))
+            return xy[:, :-1].copy(), xy[:, 1:].copy()
+        from lm.data import get_batch
+        return get_batch(self.tokens, B, T, self.rng)
+
+
+# --------------------------------------------------------------------------- training step
+def ours_step(model, opt, params, x, y):
+    t0 = time.perf_counter()
+    _, loss = model(x, y)
+    lossf = loss.item()
+    t1 = time.perf_counter()
+    opt.zero_grad()
+    loss.backward()
+    t2 = time.perf_counter()
+    gnorm = mg.optim.clip_grad_norm_(params, GRAD_CLIP)
+    opt.step()
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2, lossf, float(gnorm)
+
+
+def torch_step(model, opt, params, x, y):
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    t0 = time.perf_counter()
+    _, loss = model(x, y)
+    lossf = loss.item()
+    t1 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t2 = time.perf_counter()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    opt.step()
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2, lossf, float(gnorm)
+
+
+def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: int, peak: float,
+                   profile_steps: int, log=print) -> dict:
+    cfg, B = model_config(name, batches.vocab)
+    mg.manual_seed(seed)
+    model = GPT(cfg)
+    tm = torch_twin(model)
+    opt = model.configure_optimizer(LR, WEIGHT_DECAY, BETAS, EPS)
+    topt = torch_optimizer(tm)
+    params, tparams = list(model.parameters()), [p for p in tm.parameters()]
+    data = [batches.get(B, cfg.block_size) for _ in range(warmup + steps)]
+
+    # same weights, same batch: the same loss, or the comparison is not of equal work
+    with mg.no_grad():
+        _, l_ours = model(*data[0])
+    with torch.no_grad():
+        _, l_torch = tm(torch.from_numpy(data[0][0]), torch.from_numpy(data[0][1]))
+    l_ours, l_torch = float(l_ours.item()), float(l_torch.item())
+    log(f"[{name}] first-batch loss: ours {l_ours:.6f}, PyTorch {l_torch:.6f}, |diff| {abs(l_ours - l_torch):.2e}")
+    if abs(l_ours - l_torch) > LOSS_TOL:
+        raise RuntimeError(f"{name}: first-batch losses differ by {abs(l_ours - l_torch):.3g} > {LOSS_TOL}; "
+                           "the two models do not compute the same function")
+
+    rec = {"ours": [], "torch": []}
+    runners = {"ours": lambda x, y: ours_step(model, opt, params, x, y),
+               "torch": lambda x, y: torch_step(tm, topt, tparams, x, y)}
+    for i, (x, y) in enumerate(data):
+        order = ("ours", "torch") if i % 2 == 0 else ("torch", "ours")   # alternate who goes first
+        for who in order:
+            rec[who].append(runners[who](x, y))
+        if (i + 1) % 5 == 0 or i + 1 == len(data):
+            log(f"[{name}] step {i + 1}/{len(data)}: ours {sum(rec['ours'][-1][:3]) * 1e3:.0f} ms, "
+                f"PyTorch {sum(rec['torch'][-1][:3]) * 1e3:.0f} ms")
+
+    n_params = model.num_params()
+    fpt = flops_per_token(n_params, cfg)
+    tokens = B * cfg.block_size
+    out = {"config": dict(CONFIGS[name]), "n_params": n_params, "tokens_per_step": tokens,
+           "flops_per_step": fpt * tokens, "loss_first": {"ours": l_ours, "torch": l_torch},
+           "grad_norm_first": {w: rec[w][0][4] for w in rec},
+           "loss_last": {w: rec[w][-1][3] for w in rec}}
+    for who, r in rec.items():
+        r = r[warmup:]
+        fwd, bwd, opt_t = ([s[j] for s in r] for j in range(3))
+        total = _median([a + b + c for a, b, c in zip(fwd, bwd, opt_t)])
+        flops_s = fpt * tokens / total
+        out[who] = {"fwd": _median(fwd), "bwd": _median(bwd), "opt": _median(opt_t), "total": total,
+                    "tokens_s": tokens / total, "flops_s": flops_s, "mfu": flops_s / peak}
+    out["profile"] = profile_ours(model, opt, params, data[:profile_steps]) if profile_steps else None
+    return out
+
+
+def profile_ours(model, opt, params, data, top: int = 14) -> list:
+    """cProfile of our steps: the functions with the most own time, per step."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for x, y in data:
+        ours_step(model, opt, params, x, y)
+    pr.disable()
+    st = pstats.Stats(pr, stream=io.StringIO())
+    total = sum(v[2] for v in st.stats.values())
+    rows = []
+    for (fn, line, func), (cc, nc, tt, ct, _) in sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]:
+        where = func if fn == "~" else f"{os.path.relpath(fn, ROOT) if fn.startswith(ROOT) else os.path.basename(fn)}:{line}({func})"
+        rows.append({"function": where, "calls_per_step": nc / len(data), "ms_per_step": tt * 1e3 / len(data),
+                     "share": tt / total})
+    return rows
+
+
+# --------------------------------------------------------------------------- matmul peak
+def bench_peak(n: int, reps: int) -> dict:
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    c = np.empty_like(a)
+    ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.empty(n, n)
+    np.matmul(a, b, out=c)
+    torch.mm(ta, tb, out=tc)
+    times = {"numpy": [], "torch": []}
+    for i in range(reps):
+        for who in (("numpy", "torch") if i % 2 == 0 else ("torch", "numpy")):
+            t0 = time.perf_counter()
+            np.matmul(a, b, out=c) if who == "numpy" else torch.mm(ta, tb, out=tc)
+            times[who].append(time.perf_counter() - t0)
+    fl = 2.0 * n ** 3
+    return {"n": n, **{f"{w}_median": fl / _median(t) for w, t in times.items()},
+            **{f"{w}_best": fl / min(t) for w, t in times.items()}}
+
+
+# --------------------------------------------------------------------------- attention
+def attn_inputs(T: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal((1, ATTN_HEADS, T, ATTN_HS)).astype(np.float32) for _ in range(4))
+
+
+def attn_runner(name: str, q, k, v, do):
+    """A function that runs one forward + backward and returns (t_fwd, t_bwd, out, dq)."""
+    B, nh, T, hs = q.shape
+    scale = 1.0 / math.sqrt(hs)
+    if name in katt.IMPLS:
+        fwd, bwd = katt.IMPLS[name]
+        q3, k3, v3, do3 = (a.reshape(B * nh, T, hs) for a in (q, k, v, do))
+
+        def run():
+            t0 = time.perf_counter()
+            o, lse = fwd(q3, k3, v3, scale, True)
+            t1 = time.perf_counter()
+            dq, dk, dv = bwd(q3, k3, v3, o, lse, do3, scale, True)
+            t2 = time.perf_counter()
+            return t1 - t0, t2 - t1, o.reshape(q.shape), dq.reshape(q.shape)
+    elif name in ("node", "composite"):
+        def run():
+            qt, kt, vt = (mg.Tensor(a, requires_grad=True) for a in (q, k, v))
+            t0 = time.perf_counter()
+            y = katt.attention(qt, kt, vt, causal=True, impl="auto") if name == "node" else \
+                MF.scaled_dot_product_attention(qt, kt, vt, causal=True)
+            t1 = time.perf_counter()
+            y.backward(do)
+            t2 = time.perf_counter()
+            return t1 - t0, t2 - t1, y.data, qt.grad.data
+    elif name == "torch":
+        qt, kt, vt = (torch.from_numpy(a).requires_grad_() for a in (q, k, v))
+        dot = torch.from_numpy(do)
+
+        def run():
+            for t in (qt, kt, vt):
+                t.grad = None
+            t0 = time.perf_counter()
+            y = TF.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+            t1 = time.perf_counter()
+            y.backward(dot)
+            t2 = time.perf_counter()
+            return t1 - t0, t2 - t1, y.detach().numpy(), qt.grad.numpy()
+    else:
+        raise ValueError(f"unknown attention implementation {name!r}")
+    return run
+
+
+def tracemalloc_extra(run) -> int:
+    """Peak bytes allocated through Python/NumPy during ``run()`` (inputs excluded)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        res = run()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    del res
+    return peak - base
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def child_attn_rss(name: str, T: int) -> dict:
+    """Run in a fresh process: resident-set peak of one forward + backward above the inputs."""
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count())
+    attn_runner(name, *attn_inputs(64))()          # thread pools, JIT caches, lazy imports
+    gc.collect()
+    q, k, v, do = attn_inputs(T)
+    run = attn_runner(name, q, k, v, do)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:   # Linux >= 4.0: reset VmHWM to VmRSS
+            f.write("5")
+        method = "VmHWM after clear_refs"
+        base = _status_kb("VmRSS")
+    except OSError:
+        import resource
+        method = "ru_maxrss (upper-bounded by earlier peaks)"
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = run()
+    peak = _status_kb("VmHWM")
+    del res
+    return {"extra_bytes": (peak - base) * 1024, "method": method}
+
+
+def rss_extra_subprocess(name: str, T: int) -> int | None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child_attn", f"{name}:{T}"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    if p.returncode != 0:
+        print(f"  (RSS child {name} T={T} failed: {p.stderr.strip().splitlines()[-1:]})")
+        return None
+    return json.loads(p.stdout.strip().splitlines()[-1])["extra_bytes"]
+
+
+def bench_attention(Ts, names, reps_at_256: int, min_reps: int, rss: bool, log=print) -> dict:
+    for name in names:                         # compile / load the Numba kernels before timing
+        attn_runner(name, *attn_inputs(64))()
+    results, est_prev = {}, {}
+    for T in Ts:
+        q, k, v, do = attn_inputs(T)
+        live, row = [], {}
+        for name in names:
+            r = row[name] = {}
+            if name in QUADRATIC and name in est_prev:
+                est = est_prev[name][1] * (T / est_prev[name][0]) ** 2
+                if est > MEM_LIMIT:
+                    r.update(skipped=True, est_bytes=est)
+                    continue
+            live.append(name)
+        runners = {n: attn_runner(n, q, k, v, do) for n in live}
+        reps = max(min_reps, int(reps_at_256 * 256 / T))
+        times = {n: [] for n in live}
+        outs = {}
+        for i in range(reps):
+            order = live[i % len(live):] + live[:i % len(live)]   # rotate who goes first
+            for n in order:
+                tf, tb, o, dq = runners[n]()
+                times[n].append((tf, tb))
+                outs[n] = (o, dq)
+        ref_o, ref_dq = outs["blocked"] if "blocked" in outs else next(iter(outs.values()))
+        for n in live:
+            r = row[n]
+            r["fwd"] = _median([a for a, _ in times[n]])
+            r["bwd"] = _median([b for _, b in times[n]])
+            r["total"] = _median([a + b for a, b in times[n]])
+            r["max_abs_diff_o"] = float(np.abs(outs[n][0] - ref_o).max())
+            r["max_abs_diff_dq"] = float(np.abs(outs[n][1] - ref_dq).max())
+            r["tracemalloc_bytes"] = None if n == "torch" else tracemalloc_extra(runners[n])
+            if n in QUADRATIC:
+                est_prev[n] = (T, r["tracemalloc_bytes"])
+            r["rss_bytes"] = rss_extra_subprocess(n, T) if rss else None
+        outs.clear()
+        del runners
+        results[T] = row
+        log(f"[attention] T={T}: " + ", ".join(
+            f"{n} {row[n]['total'] * 1e3:.1f} ms" if not row[n].get("skipped") else f"{n} skipped" for n in names))
+    return results
+
+
+# --------------------------------------------------------------------------- generation
+def bench_generation(batches: Batches, new_tokens: int, reps: int, seed: int, log=print) -> dict:
+    cfg, _ = model_config("nanoGPT-CPU", batches.vocab, block_size=256)
+    mg.manual_seed(seed)
+    model = GPT(cfg)
+    tm = torch_twin(model).eval()
+    prompt = [int(t) for t in batches.get(1, 16)[0][0]]
+    assert len(prompt) + new_tokens <= cfg.block_size, "the text must fit in the window for a fair comparison"
+
+    @torch.no_grad()
+    def torch_generate():
+        idx = torch.tensor([prompt])
+        for _ in range(new_tokens):
+            logits, _ = tm(idx[:, -cfg.block_size:])
+            idx = torch.cat([idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)], dim=1)
+        return idx[0].tolist()
+
+    runs = {"ours, KV cache": lambda: generate_ids(model, prompt, new_tokens, "greedy", use_cache=True)[0],
+            "ours, no cache": lambda: generate_ids(model, prompt, new_tokens, "greedy", use_cache=False)[0],
+            "PyTorch, no cache": torch_generate}
+    times = {k: [] for k in runs}
+    outs = {}
+    names = list(runs)
+    for i in range(reps):
+        for k in names[i % 3:] + names[:i % 3]:
+            t0 = time.perf_counter()
+            outs[k] = runs[k]()
+            times[k].append(time.perf_counter() - t0)
+    if outs["ours, KV cache"] != outs["ours, no cache"]:
+        a, b = outs["ours, KV cache"], outs["ours, no cache"]
+        first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        raise AssertionError(f"greedy outputs differ with and without the KV cache from position {first}")
+    same_torch = sum(x == y for x, y in zip(outs["ours, no cache"], outs["PyTorch, no cache"])) - len(prompt)
+    res = {k: {"s": _median(t), "tokens_s": new_tokens / _median(t)} for k, t in times.items()}
+    res.update(new_tokens=new_tokens, prompt_len=len(prompt), identical_cache=True,
+               torch_agreeing_tokens=same_torch)
+    log("[generation] " + ", ".join(f"{k} {v['tokens_s']:.0f} tok/s" for k, v in res.items() if isinstance(v, dict)))
+    return res
+
+
+# --------------------------------------------------------------------------- report
+def environment() -> dict:
+    blas = "?"
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    except Exception:  # older NumPy: the report just says "?"
+        pass
+    import numba
+    return {"python": platform.python_version(), "numpy": np.__version__, "numpy_blas": blas,
+            "numba": numba.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "minigrad": mg.__version__, "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "numba_threads": numba.get_num_threads()}
+
+
+def write_report(res: dict, out_dir: str) -> str:
+    env, peak = res["env"], res["peak"]
+    parts = ["# minigrad vs PyTorch (CPU)", "",
+             f"{env['cpu']}, {env['cores']} cores; Python {env['python']}, NumPy {env['numpy']} "
+             f"({env['numpy_blas']}), Numba {env['numba']} ({env['numba_threads']} threads), "
+             f"PyTorch {env['torch']} ({env['torch_threads']} threads), minigrad {env['minigrad']}. "
+             f"Load average before/after: {res['load_before']} / {res['load_after']} (a shared machine: "
+             f"ratios from interleaved runs are the numbers to read, absolute times are noisy). "
+             f"Data: {res['data']}. Mode: {res['mode']}; total run time {res['wall_s']:.0f} s.", ""]
+
+    parts += ["## Training step", "",
+              f"Medians over {res['steps']} interleaved steps after {res['warmup']} warm-up steps. "
+              "fwd includes the loss; bwd includes zero_grad; opt is clip_grad_norm (1.0) + AdamW step. "
+              "MFU: model FLOPs per step = tokens x (6 N + 12 L C T), N = non-embedding parameters "
+              "(PaLM's formula, as nanoGPT's estimate_mfu), over step time, over the measured NumPy "
+              f"float32 matmul rate ({peak['numpy_median'] / 1e9:.1f} GFLOP/s median, "
+              f"{peak['numpy_best'] / 1e9:.1f} best, {peak['n']}^3 sgemm; torch.mm: "
+              f"{peak['torch_median'] / 1e9:.1f} median, {peak['torch_best'] / 1e9:.1f} best).", ""]
+    rows, checks = [], []
+    for name, r in res["training"].items():
+        for who, label in (("ours", "minigrad"), ("torch", "PyTorch")):
+            s = r[who]
+            rows.append([name, label, f"{s['fwd'] * 1e3:.1f}", f"{s['bwd'] * 1e3:.1f}", f"{s['opt'] * 1e3:.1f}",
+                         f"{s['total'] * 1e3:.1f}", f"{s['tokens_s']:,.0f}", f"{s['flops_s'] / 1e9:.2f}",
+                         f"{100 * s['mfu']:.1f}%"])
+        o, t = r["ours"], r["torch"]
+        rows.append([name, "**ours / PyTorch**", *(f"**{o[k] / t[k]:.2f}x**" for k in ("fwd", "bwd", "opt", "total")),
+                     f"{o['tokens_s'] / t['tokens_s']:.2f}x", "", ""])
+        checks.append([name, f"{r['n_params'] / 1e6:.2f}M", f"{r['tokens_per_step']}",
+                       f"{r['flops_per_step'] / 1e9:.2f}",
+                       f"{r['loss_first']['ours']:.6f}", f"{r['loss_first']['torch']:.6f}",
+                       f"{abs(r['loss_first']['ours'] - r['loss_first']['torch']):.1e}",
+                       f"{r['grad_norm_first']['ours']:.5f} / {r['grad_norm_first']['torch']:.5f}",
+                       f"{r['loss_last']['ours']:.4f} / {r['loss_last']['torch']:.4f}"])
+    parts += [md_table(["config", "framework", "fwd ms", "bwd ms", "opt ms", "step ms", "tokens/s",
+                        "GFLOP/s", "MFU"], rows), ""]
+    parts += ["Same work, checked:", "",
+              md_table(["config", "N", "tokens/step", "GFLOP/step", "first loss (ours)", "first loss (PyTorch)",
+                        "abs diff", "grad norm step 1 (ours / PyTorch)", "loss at last step (ours / PyTorch)"],
+                       checks), ""]
+    for name, r in res["training"].items():
+        if r.get("profile"):
+            parts += [f"Where our {name} step spends its time (cProfile, own time per step; the profiler "
+                      "inflates Python overhead):", "",
+                      md_table(["function", "calls/step", "ms/step", "share"],
+                               [[f"`{p['function']}`", f"{p['calls_per_step']:.0f}", f"{p['ms_per_step']:.1f}",
+                                 f"{100 * p['share']:.1f}%"] for p in r["profile"]]), ""]
+
+    a = res["attention"]
+    parts += ["## Attention forward + backward", "",
+              f"Causal, batch 1, {ATTN_HEADS} heads, head size {ATTN_HS}, float32. Time: medians of interleaved "
+              "repeats. Extra memory = peak above the inputs (outputs, saved state and gradients included). "
+              "tracemalloc: this process, NumPy buffers only (Numba-internal allocations and PyTorch are "
+              "invisible to it). RSS: a fresh subprocess per cell, VmHWM reset by /proc/self/clear_refs "
+              "after warm-up and input allocation, then one forward + backward; page-granular and includes "
+              "allocator slack, so small values are noisy. max|diff|: output and dq against our blocked kernel.",
+              ""]
+    rows = []
+    for T, row in a.items():
+        for n, r in row.items():
+            if r.get("skipped"):
+                rows.append([T, ATTN_LABELS[n], "skipped", "", "", "", f"needs ~{r['est_bytes'] / 2 ** 30:.1f} GB "
+                             "(> 2 GB)", "", ""])
+                continue
+            tr = r["total"] / row["torch"]["total"] if "torch" in row and "total" in row["torch"] else float("nan")
+            rows.append([T, ATTN_LABELS[n], f"{r['fwd'] * 1e3:.1f}", f"{r['bwd'] * 1e3:.1f}", f"{r['total'] * 1e3:.1f}",
+                         f"{tr:.2f}x", _mb(r["tracemalloc_bytes"]), _mb(r["rss_bytes"]),
+                         f"{r['max_abs_diff_o']:.1e} / {r['max_abs_diff_dq']:.1e}"])
+    parts += [md_table(["T", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", "vs PyTorch", "extra MB (tracemalloc)",
+                        "extra MB (RSS)", "max abs diff o / dq"], rows), ""]
+
+    g = res["generation"]
+    parts += ["## Generation", "",
+              f"nanoGPT-CPU model with block 256 (4 layers, 4 heads, 128 wide), untrained, greedy, "
+              f"{g['new_tokens']} new tokens after a {g['prompt_len']}-token prompt, batch 1; medians of "
+              f"interleaved repeats. Ours with and without the cache gave identical tokens; PyTorch agreed on "
+              f"{g['torch_agreeing_tokens']}/{g['new_tokens']} new tokens (an untrained model's logits are "
+              "close together, so float rounding can flip an argmax).", ""]
+    rows = [[k, f"{v['s']:.2f}", f"{v['tokens_s']:,.0f}"] for k, v in g.items() if isinstance(v, dict)]
+    rows.append(["ours: cache speed-up", "", f"{g['ours, KV cache']['tokens_s'] / g['ours, no cache']['tokens_s']:.2f}x"])
+    parts += [md_table(["run", "seconds", "tokens/s"], rows), ""]
+    text = "\n".join(parts)
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    return text
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    colors = {"fwd": "#4c72b0", "bwd": "#dd8452", "opt": "#55a868"}
+    for ax, (name, r) in zip(axes[0], res["training"].items()):
+        bottom = np.zeros(2)
+        for part in ("fwd", "bwd", "opt"):
+            vals = np.array([r["ours"][part], r["torch"][part]]) * 1e3
+            ax.bar(["minigrad", "PyTorch"], vals, bottom=bottom, label=part, color=colors[part])
+            bottom += vals
+        ratio = r["ours"]["total"] / r["torch"]["total"]
+        ax.set_title(f"{name}: ms per training step (ours / PyTorch = {ratio:.2f}x)")
+        ax.set_ylabel("ms")
+        ax.legend()
+    Ts = list(res["attention"])
+    for n in ATTN_LABELS:
+        pts = [(T, res["attention"][T][n]) for T in Ts if n in res["attention"][T]
+               and not res["attention"][T][n].get("skipped")]
+        if not pts:
+            continue
+        axes[1, 0].plot([T for T, _ in pts], [r["total"] * 1e3 for _, r in pts], "o-", label=ATTN_LABELS[n])
+        mem = [(T, r["rss_bytes"] if r["rss_bytes"] is not None else r["tracemalloc_bytes"]) for T, r in pts]
+        mem = [(T, m) for T, m in mem if m is not None and m > 0]
+        if mem:
+            axes[1, 1].plot([T for T, _ in mem], [m / 2 ** 20 for _, m in mem], "o-", label=ATTN_LABELS[n])
+    axes[1, 0].set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms",
+                   title="attention forward + backward time")
+    axes[1, 1].set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="MB",
+                   title="attention extra memory (RSS peak, fresh process)")
+    for ax in axes[1]:
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a short smoke run (few steps, small T)")
+    p.add_argument("--output_dir", default="benchmarks/results/compare_torch")
+    p.add_argument("--data", default=None, help="a text file (e.g. tinyshakespeare.txt); default: random tokens")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per config (default 20, quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3, quick 1)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--attn_T", type=int, nargs="+", default=None, help="default 256 1024 4096 (quick 128 256)")
+    p.add_argument("--gen_tokens", type=int, default=None, help="default 200 (quick 40)")
+    p.add_argument("--no_rss", action="store_true", help="skip the fresh-process memory measurements")
+    p.add_argument("--no_profile", action="store_true", help="skip the cProfile table of our step")
+    p.add_argument("--_child_attn", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if torch is None:
+        print("error: this benchmark needs PyTorch as the reference (pip install torch); "
+              "minigrad itself does not", file=sys.stderr)
+        return 2
+    if args._child_attn:
+        name, T = args._child_attn.split(":")
+        print(json.dumps(child_attn_rss(name, int(T))))
+        return 0
+
+    torch.set_num_threads(os.cpu_count())
+    q = args.quick
+    steps = args.steps if args.steps is not None else (3 if q else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if q else 3)
+    Ts = args.attn_T or ([128, 256] if q else [256, 1024, 4096])
+    gen_tokens = args.gen_tokens or (40 if q else 200)
+    os.makedirs(args.output_dir, exist_ok=True)
+    t_start = time.perf_counter()
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+    res = {"mode": "quick" if q else "full", "steps": steps, "warmup": warmup, "env": environment()}
+    batches = Batches(args.data, args.seed)
+    res["data"] = batches.source
+    print(f"environment: {res['env']}")
+
+    res["peak"] = bench_peak(1024 if q else 2048, 3 if q else 7)
+    print(f"float32 matmul {res['peak']['n']}^3: NumPy {res['peak']['numpy_median'] / 1e9:.1f} GFLOP/s, "
+          f"torch.mm {res['peak']['torch_median'] / 1e9:.1f} GFLOP/s (medians)")
+
+    res["training"] = {}
+    for name in args.configs:
+        res["training"][name] = bench_training(name, batches, steps, warmup, args.seed, res["peak"]["numpy_median"],
+                                               0 if (q or args.no_profile) else 3)
+
+    names = ["blocked", "flash", "reference", "node", "composite", "torch"]
+    res["attention"] = bench_attention(Ts, names, reps_at_256=2 if q else 12, min_reps=2 if q else 3,
+                                       rss=not args.no_rss)
+    res["generation"] = bench_generation(batches, gen_tokens, 1 if q else 3, args.seed)
+
+    res["wall_s"] = time.perf_counter() - t_start
+    res["load_before"], res["load_after"] = load_before, " ".join(f"{x:.1f}" for x in os.getloadavg())
+    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=2, default=str)
+    text = write_report(res, args.output_dir)
+    plot(res, os.path.join(args.output_dir, "compare_torch.png"))
+    print()
+    print(text)
+    print(f"\nwrote {os.path.join(args.output_dir, 'report.md')} and compare_torch.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Fused versions of composites that the training profile showed to be hot.
+
+Each is one autograd node with a hand-written backward, where the composite in
+``functional.py`` builds 5-15 nodes with a temporary array each. They are written in
+array code (NumPy or CuPy through ``xp``) and tested equal to the composites.
+"""
+from __future__ import annotations
+
+import math
+
+from .. import backend
+from ..tensor import Function
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+class GeluTanh(Function):
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        x2 = x * x
+        t = xp.tanh(x * (_GELU_C + (_GELU_C * 0.044715) * x2))
+        self.save_for_backward(x, t)
+        y = 1.0 + t
+        y *= x
+        y *= 0.5
+        return y
+
+    def backward(self, gy):
+        x, t = self.saved
+        # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
+        x2 = x * x
+        inner = _GELU_C + (3 * _GELU_C * 0.044715) * x2
+        d = 1.0 - t * t
+        d *= inner
+        d *= x
+        d += 1.0
+        d += t
+        d *= 0.5
+        d *= gy
+        return d
+
+
+class LayerNorm(Function):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
+
+    def __init__(self, eps: float = 1e-5):
+        self.eps = eps
+
+    def forward(self, x, weight=None, bias=None):
+        xp = backend.get_array_module(x)
+        mu = x.mean(axis=-1, keepdims=True)
+        xc = x - mu
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt(var + self.eps)
+        xhat = xc
+        xhat *= rstd                                     # reuse the centred buffer
+        self.save_for_backward(xhat, rstd, weight)
+        if weight is None:
+            return xhat.copy() if bias is None else xhat + bias
+        y = xhat * weight
+        if bias is not None:
+            y += bias
+        return y
+
+    def backward(self, gy):
+        xhat, rstd, w = self.saved
+        C = xhat.shape[-1]
+        lead = tuple(range(gy.ndim - 1))
+        gw = (gy * xhat).sum(axis=lead) if len(self.needs_input_grad) > 1 and self.needs_input_grad[1] else None
+        gb = gy.sum(axis=lead) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
+        gx = None
+        if self.needs_input_grad[0]:
+            g = gy * w if w is not None else gy
+            # dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+            m1 = g.mean(axis=-1, keepdims=True)
+            m2 = (g * xhat).mean(axis=-1, keepdims=True)
+            gx = g - m1
+            gx -= xhat * m2
+            gx *= rstd
+        grads = (gx,)
+        if len(self.needs_input_grad) > 1:
+            grads += (gw,)
+        if len(self.needs_input_grad) > 2:
+            grads += (gb,)
+        return grads if len(grads) > 1 else grads[0]
+
+
+class SoftmaxCrossEntropy(Function):
+    """Mean cross-entropy of logits (N, C) against targets (N,), skipping ``ignore_index``."""
+
+    def __init__(self, targets, ignore_index):
+        self.targets, self.ignore_index = targets, ignore_index
+
+    def forward(self, z):
+        xp = backend.get_array_module(z)
+        N = z.shape[0]
+        t = self.targets
+        valid = t != self.ignore_index if self.ignore_index is not None else xp.ones(N, dtype=bool)
+        safe_t = xp.where(valid, t, 0)
+        m = z.max(axis=-1, keepdims=True)
+        e = xp.exp(z - m)
+        s = e.sum(axis=-1, keepdims=True)
+        lse = (xp.log(s) + m)[:, 0]
+        nll = lse - z[xp.arange(N), safe_t]
+        n = int(valid.sum())
+        self.n = max(n, 1)
+        e /= s                                             # softmax probabilities, kept for backward
+        self.save_for_backward(e, safe_t, valid)
+        return xp.asarray((nll * valid).sum() / self.n, dtype=z.dtype)
+
+    def backward(self, gy):
+        p, t, valid = self.saved
+        xp = backend.get_array_module(p)
+        g = p.copy()                                        # p stays intact for retain_graph
+        g[xp.arange(g.shape[0]), t] -= 1.0
+        g *= (gy / self.n) * valid[:, None]
+        return g.astype(p.dtype, copy=False)
