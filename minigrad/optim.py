@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from . import backend
+from .kernels.fused import adam_step_inplace
 from .tensor import Tensor
 
 
@@ -170,11 +171,9 @@ class Adam(Optimizer):
 
     def _update(self, group, name, p, g, state):
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        if wd:
-            if self.decoupled:
-                p.data *= 1 - lr * wd
-            else:
-                g = g + wd * p.data
+        decay = lr * wd if (wd and self.decoupled) else 0.0
+        if wd and not self.decoupled:
+            g = g + wd * p.data
         if "exp_avg" not in state:
             xp = backend.get_array_module(p.data)
             state["step"] = 0
@@ -183,14 +182,17 @@ class Adam(Optimizer):
         state["step"] += 1
         t = state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
+        if adam_step_inplace(p.data, g, m, v, lr, b1, b2, eps, t, decay):
+            return  # one compiled pass (kernels/fused.py); the array code below is its reference
+        if decay:
+            p.data *= 1 - decay
         m *= b1
         m += (1 - b1) * g
         v *= b2
         v += (1 - b2) * (g * g)
         bc1 = 1 - b1 ** t
-        bc2 = 1 - b2 ** t
         xp = backend.get_array_module(p.data)
-        denom = xp.sqrt(v) * (1.0 / math.sqrt(bc2))
+        denom = xp.sqrt(v) / math.sqrt(1 - b2 ** t)
         denom += eps
         p.data -= (lr / bc1) * (m / denom)
 

@@ -75,3 +75,23 @@ def test_fused_keep_float32():
     loss = F.cross_entropy(y, np.array([1, 2]))
     loss.backward()
     assert y.dtype == np.float32 and loss.dtype == np.float32 and x.grad.dtype == np.float32
+
+
+@pytest.mark.parametrize("cls,wd", [(mg.optim.AdamW, 0.1), (mg.optim.Adam, 0.1), (mg.optim.AdamW, 0.0)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_adam_step_equals_array_code(monkeypatch, cls, wd, dtype):
+    def run(use_kernel):
+        if not use_kernel:
+            monkeypatch.setattr(mg.optim, "adam_step_inplace", lambda *a: False)
+        r = np.random.default_rng(3)
+        p = mg.nn.Parameter(r.standard_normal((5, 4)).astype(dtype))
+        opt = cls([("w", p)], lr=1e-2, betas=(0.9, 0.99), weight_decay=wd)
+        for _ in range(6):
+            p.grad = mg.Tensor(r.standard_normal((5, 4)).astype(dtype))
+            opt.step()
+        monkeypatch.undo()
+        return p.data.copy(), opt.state["w"]["exp_avg_sq"].copy()
+    (pa, va), (pb, vb) = run(True), run(False)
+    tol = 1e-13 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(pa, pb, rtol=tol, atol=tol)
+    np.testing.assert_allclose(va, vb, rtol=tol, atol=tol)
