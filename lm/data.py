@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from minigrad.io import atomic_write, atomic_write_bytes
 
 from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
@@ -111,7 +112,7 @@ def download_file(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         payload = resp.read()
-    _atomic_write_bytes(dest, payload)
+    atomic_write_bytes(dest, payload)
 
 
 def _shakespeare() -> str:
@@ -337,34 +338,10 @@ def _try_load_tokens(path: Path) -> np.ndarray | None:
     return arr
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object, so np.save adds no ".npy"
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # a file object, so np.save adds no ".npy"; renamed into place, never truncated in
+    # place, because a reader may hold the old file memory-mapped
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 # --------------------------------------------------------------------------- batches

@@ -16,7 +16,6 @@ import heapq
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from minigrad.io import atomic_write_text
 
 __all__ = [
     "Tokenizer",
@@ -93,7 +94,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON, atomically (temporary file, then rename)."""
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1, ensure_ascii=True))
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1, ensure_ascii=True))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -406,23 +407,6 @@ class BPETokenizer(Tokenizer):
 # --------------------------------------------------------------------------- files
 
 _CLASSES: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BPETokenizer}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    # A temporary file in the same folder, then os.replace: readers see the old file or
-    # the new one, never half of one, even if the process is killed mid-write.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -27,6 +27,11 @@ def _mode_for(path: str) -> int:
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers never see a half-written file."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(f)`` on a temporary binary file beside ``path``, then rename it over ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -35,7 +40,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         # mkstemp makes the file 0600; give it the mode a plain open() would (or the old file's)
         os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
