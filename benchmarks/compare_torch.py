@@ -80,6 +80,7 @@ CONFIGS = {
     # nanoGPT's shakespeare_char "baby GPT"
     "baby-GPT": dict(batch=8, block_size=256, n_layer=6, n_head=6, n_embd=384),
 }
+DEFAULT_STEPS = {"nanoGPT-CPU": 20, "baby-GPT": 10}   # timed steps of a full run (a baby-GPT step takes seconds)
 LR, BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP = 1e-3, (0.9, 0.99), 1e-8, 0.1, 1.0
 LOSS_TOL = 1e-4
 ATTN_HEADS, ATTN_HS = 4, 64
@@ -180,6 +181,27 @@ def torch_optimizer(tm):
 
 
 # --------------------------------------------------------------------------- helpers
+def set_threads(n: int) -> dict:
+    """Threads for PyTorch, Numba and NumPy's OpenBLAS (the last through its C API, if found)."""
+    torch.set_num_threads(n)
+    import numba
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    blas = False
+    import ctypes
+    with open("/proc/self/maps") as f:
+        libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, sym):
+                getattr(lib, sym)(ctypes.c_int(n))
+                blas = True
+                break
+    return {"torch": torch.get_num_threads(), "numba": numba.get_num_threads(),
+            "numpy_blas": n if blas else "unchanged (not OpenBLAS?)"}
+
+
 def _median(xs):
     return float(np.median(np.asarray(xs, dtype=np.float64))) if len(xs) else float("nan")
 
@@ -417,8 +439,6 @@ def _status_kb(field: str) -> int:
 
 def child_attn_rss(name: str, T: int) -> dict:
     """Run in a fresh process: resident-set peak of one forward + backward above the inputs."""
-    if torch is not None:
-        torch.set_num_threads(os.cpu_count())
     attn_runner(name, *attn_inputs(64))()          # thread pools, JIT caches, lazy imports
     gc.collect()
     q, k, v, do = attn_inputs(T)
@@ -438,9 +458,9 @@ def child_attn_rss(name: str, T: int) -> dict:
     return {"extra_bytes": (peak - base) * 1024, "method": method}
 
 
-def rss_extra_subprocess(name: str, T: int) -> int | None:
+def rss_extra_subprocess(name: str, T: int, threads: int) -> int | None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child_attn", f"{name}:{T}"],
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child_attn", f"{name}:{T}:{threads}"],
                        capture_output=True, text=True, env=env, timeout=900)
     if p.returncode != 0:
         print(f"  (RSS child {name} T={T} failed: {p.stderr.strip().splitlines()[-1:]})")
@@ -448,7 +468,7 @@ def rss_extra_subprocess(name: str, T: int) -> int | None:
     return json.loads(p.stdout.strip().splitlines()[-1])["extra_bytes"]
 
 
-def bench_attention(Ts, names, reps_at_256: int, min_reps: int, rss: bool, log=print) -> dict:
+def bench_attention(Ts, names, reps_at_256: int, min_reps: int, rss: bool, threads: int, log=print) -> dict:
     for name in names:                         # compile / load the Numba kernels before timing
         attn_runner(name, *attn_inputs(64))()
     results, est_prev = {}, {}
@@ -484,7 +504,7 @@ def bench_attention(Ts, names, reps_at_256: int, min_reps: int, rss: bool, log=p
             r["tracemalloc_bytes"] = None if n == "torch" else tracemalloc_extra(runners[n])
             if n in QUADRATIC:
                 est_prev[n] = (T, r["tracemalloc_bytes"])
-            r["rss_bytes"] = rss_extra_subprocess(n, T) if rss else None
+            r["rss_bytes"] = rss_extra_subprocess(n, T, threads) if rss else None
         outs.clear()
         del runners
         results[T] = row
@@ -541,7 +561,15 @@ def environment() -> dict:
     except Exception:  # older NumPy: the report just says "?"
         pass
     import numba
-    return {"python": platform.python_version(), "numpy": np.__version__, "numpy_blas": blas,
+    try:   # what exactly was measured: the commit, and whether the tree had uncommitted changes
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = (rev + (" + uncommitted changes" if dirty else "")) if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        rev = "unknown"
+    return {"git": rev, "python": platform.python_version(), "numpy": np.__version__, "numpy_blas": blas,
             "numba": numba.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "minigrad": mg.__version__, "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "numba_threads": numba.get_num_threads()}
@@ -551,14 +579,16 @@ def write_report(res: dict, out_dir: str) -> str:
     env, peak = res["env"], res["peak"]
     parts = ["# minigrad vs PyTorch (CPU)", "",
              f"{env['cpu']}, {env['cores']} cores; Python {env['python']}, NumPy {env['numpy']} "
-             f"({env['numpy_blas']}), Numba {env['numba']} ({env['numba_threads']} threads), "
-             f"PyTorch {env['torch']} ({env['torch_threads']} threads), minigrad {env['minigrad']}. "
+             f"({env['numpy_blas']}), Numba {env['numba']}, "
+             f"PyTorch {env['torch']}, minigrad {env['minigrad']} (git {env['git']}). Threads: PyTorch {res['threads']['torch']}, "
+             f"Numba {res['threads']['numba']}, NumPy BLAS {res['threads']['numpy_blas']}. "
              f"Load average before/after: {res['load_before']} / {res['load_after']} (a shared machine: "
              f"ratios from interleaved runs are the numbers to read, absolute times are noisy). "
              f"Data: {res['data']}. Mode: {res['mode']}; total run time {res['wall_s']:.0f} s.", ""]
 
     parts += ["## Training step", "",
-              f"Medians over {res['steps']} interleaved steps after {res['warmup']} warm-up steps. "
+              f"Medians over interleaved steps ({', '.join(f'{n}: {k}' for n, k in res['steps'].items())}) "
+              f"after {res['warmup']} warm-up steps. "
               "fwd includes the loss; bwd includes zero_grad; opt is clip_grad_norm (1.0) + AdamW step. "
               "MFU: model FLOPs per step = tokens x (6 N + 12 L C T), N = non-embedding parameters "
               "(PaLM's formula, as nanoGPT's estimate_mfu), over step time, over the measured NumPy "
@@ -636,6 +666,7 @@ def write_report(res: dict, out_dir: str) -> str:
 
 def plot(res: dict, path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
@@ -651,21 +682,24 @@ def plot(res: dict, path: str) -> None:
         ax.set_ylabel("ms")
         ax.legend()
     Ts = list(res["attention"])
+    styles = dict(zip(ATTN_LABELS, ("o-", "s-", "^-", "x--", "v-", "D-")))
     for n in ATTN_LABELS:
         pts = [(T, res["attention"][T][n]) for T in Ts if n in res["attention"][T]
                and not res["attention"][T][n].get("skipped")]
         if not pts:
             continue
-        axes[1, 0].plot([T for T, _ in pts], [r["total"] * 1e3 for _, r in pts], "o-", label=ATTN_LABELS[n])
+        axes[1, 0].plot([T for T, _ in pts], [r["total"] * 1e3 for _, r in pts], styles[n], label=ATTN_LABELS[n])
         mem = [(T, r["rss_bytes"] if r["rss_bytes"] is not None else r["tracemalloc_bytes"]) for T, r in pts]
         mem = [(T, m) for T, m in mem if m is not None and m > 0]
         if mem:
-            axes[1, 1].plot([T for T, _ in mem], [m / 2 ** 20 for _, m in mem], "o-", label=ATTN_LABELS[n])
+            axes[1, 1].plot([T for T, _ in mem], [m / 2 ** 20 for _, m in mem], styles[n], label=ATTN_LABELS[n])
     axes[1, 0].set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms",
                    title="attention forward + backward time")
     axes[1, 1].set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="MB",
                    title="attention extra memory (RSS peak, fresh process)")
     for ax in axes[1]:
+        ax.set_xticks([int(T) for T in Ts], [str(T) for T in Ts])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -680,11 +714,14 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", default="benchmarks/results/compare_torch")
     p.add_argument("--data", default=None, help="a text file (e.g. tinyshakespeare.txt); default: random tokens")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per config (default 20, quick 3)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed training steps per config (default: 20 nanoGPT-CPU, 10 baby-GPT; quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3, quick 1)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--attn_T", type=int, nargs="+", default=None, help="default 256 1024 4096 (quick 128 256)")
     p.add_argument("--gen_tokens", type=int, default=None, help="default 200 (quick 40)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="threads for PyTorch, Numba and NumPy's BLAS alike (default: all cores)")
     p.add_argument("--no_rss", action="store_true", help="skip the fresh-process memory measurements")
     p.add_argument("--no_profile", action="store_true", help="skip the cProfile table of our step")
     p.add_argument("--_child_attn", default=None, help=argparse.SUPPRESS)
@@ -695,13 +732,19 @@ def main(argv=None) -> int:
               "minigrad itself does not", file=sys.stderr)
         return 2
     if args._child_attn:
-        name, T = args._child_attn.split(":")
+        name, T, threads = args._child_attn.split(":")
+        set_threads(int(threads))
         print(json.dumps(child_attn_rss(name, int(T))))
         return 0
 
-    torch.set_num_threads(os.cpu_count())
+    threads = set_threads(args.threads)
+    if args.threads > 1 and os.getloadavg()[0] > os.cpu_count():
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. Multi-threaded "
+              "BLAS/OpenMP calls wait at barriers for threads the scheduler has parked, which can make "
+              "small-op workloads 10-50x slower and the numbers meaningless; consider --threads 1.",
+              file=sys.stderr)
     q = args.quick
-    steps = args.steps if args.steps is not None else (3 if q else 20)
+    steps = {name: args.steps if args.steps is not None else (3 if q else DEFAULT_STEPS[name]) for name in CONFIGS}
     warmup = args.warmup if args.warmup is not None else (1 if q else 3)
     Ts = args.attn_T or ([128, 256] if q else [256, 1024, 4096])
     gen_tokens = args.gen_tokens or (40 if q else 200)
@@ -709,7 +752,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
 
-    res = {"mode": "quick" if q else "full", "steps": steps, "warmup": warmup, "env": environment()}
+    res = {"mode": "quick" if q else "full", "steps": {n: steps[n] for n in args.configs}, "warmup": warmup, "env": environment(),
+           "threads": threads}
     batches = Batches(args.data, args.seed)
     res["data"] = batches.source
     print(f"environment: {res['env']}")
@@ -720,12 +764,12 @@ def main(argv=None) -> int:
 
     res["training"] = {}
     for name in args.configs:
-        res["training"][name] = bench_training(name, batches, steps, warmup, args.seed, res["peak"]["numpy_median"],
+        res["training"][name] = bench_training(name, batches, steps[name], warmup, args.seed, res["peak"]["numpy_median"],
                                                0 if (q or args.no_profile) else 3)
 
     names = ["blocked", "flash", "reference", "node", "composite", "torch"]
     res["attention"] = bench_attention(Ts, names, reps_at_256=2 if q else 12, min_reps=2 if q else 3,
-                                       rss=not args.no_rss)
+                                       rss=not args.no_rss, threads=args.threads)
     res["generation"] = bench_generation(batches, gen_tokens, 1 if q else 3, args.seed)
 
     res["wall_s"] = time.perf_counter() - t_start

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
@@ -36,22 +35,30 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", default="benchmarks/results/reversible_quality")
     p.add_argument("--variants", default="plain,reversible",
                    help="comma-separated: plain, reversible, reversible_ckpt (reversible cut every block)")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing; build the report from the runs already under --output_dir "
+                        "(to run the variants as separate processes, e.g. in parallel)")
     p.add_argument("overrides", nargs="*", help="config overrides for both runs, e.g. train.max_iters=200")
     args = p.parse_args(argv)
     switches = {"plain": ["model.reversible=false"],
                 "reversible": ["model.reversible=true"],
                 "reversible_ckpt": ["model.reversible=true", "model.checkpoint_every=1"]}
+    names = args.variants.split(",")
+    if not args.report_only:
+        for name in names:
+            cfg = load_config(args.config)
+            apply_overrides(cfg, ["train.progress=false"] + args.overrides + switches[name])
+            validate(cfg)
+            train(cfg, os.path.join(args.output_dir, name),
+                  log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
     results = {}
-    for name in args.variants.split(","):
-        cfg = load_config(args.config)
-        apply_overrides(cfg, ["train.progress=false"] + args.overrides + switches[name])
-        validate(cfg)
-        out = os.path.join(args.output_dir, name)
-        t0 = time.perf_counter()
-        s = train(cfg, out, log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
-        results[name] = {"val_loss": s["val_loss"], "train_loss": s["train_loss"],
-                         "best_val_loss": s["best_val_loss"], "ms_per_step": s["ms_per_step"],
-                         "wall_s": time.perf_counter() - t0, "steps": s["steps"]}
+    for name in ("plain", "reversible", "reversible_ckpt"):
+        path = os.path.join(args.output_dir, name, "summary.json")   # written by lm.train.train
+        if os.path.isfile(path):
+            with open(path) as f:
+                s = json.load(f)
+            results[name] = {k: s[k] for k in ("val_loss", "train_loss", "best_val_loss", "ms_per_step",
+                                                "wall_s", "steps")}
     base = results.get("plain")
     lines = ["| model | steps | final train loss | final val loss | Δ val vs plain | median ms/step | wall s |",
              "|---|---|---|---|---|---|---|"]

@@ -5,7 +5,7 @@
 Configuration (nanoGPT's "I only have a macbook" run): character level, n_layer 4,
 n_head 4, n_embd 128, block 64, batch 12, 2000 iterations, lr 1e-3 cosine-decayed to
 1e-4 after 100 warmup steps, weight decay 0.1, beta2 0.99, grad clip 1.0, dropout 0,
-90/10 split. The target is the validation loss PyTorch reaches with it (1.886 on our
+90/10 split, and nanoGPT's model defaults: no biases, exact GELU. The target is the validation loss PyTorch reaches with it (1.886 on our
 machine). Writes summary.json and report.md under --output_dir.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from lm.train import estimate_loss, train  # noqa: E402
 
 NANOGPT_CPU = [
     "model.block_size=64", "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.dropout=0.0",
-    "model.bias=true", "data.tokenizer=char", "data.val_fraction=0.1",
+    # nanoGPT's defaults, which its CPU command does not change: no biases, exact GELU (nn.GELU())
+    "model.bias=false", "model.gelu=exact", "data.tokenizer=char", "data.val_fraction=0.1",
     "train.batch_size=12", "train.max_iters=2000", "train.learning_rate=1e-3", "train.min_lr=1e-4",
     "train.warmup_iters=100", "train.lr_decay_iters=2000", "train.weight_decay=0.1", "train.beta1=0.9",
     "train.beta2=0.99", "train.grad_clip=1.0", "train.eval_interval=250", "train.eval_iters=20",

@@ -31,6 +31,7 @@ class ModelConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True           # biases in Linear layers and LayerNorms, as GPT-2
+    gelu: str = "tanh"          # "tanh" (GPT-2's approximation) or "exact" (erf, as nn.GELU())
     attention: str = "auto"     # "auto" (fastest kernel), "blocked", "flash" (Numba), "naive" (T x T scores)
     checkpoint_every: int = 0   # 0: off; k: checkpoint the blocks in groups of k (recomputed in backward)
     reversible: bool = False    # reversible two-stream blocks: activation memory flat in depth
@@ -200,6 +201,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.attention not in ATTENTION_IMPLS:
         raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_IMPLS)}, got {m.attention!r}")
+    if m.gelu not in ("tanh", "exact"):
+        raise ConfigError(f"model.gelu must be 'tanh' or 'exact', got {m.gelu!r}")
     if d.tokenizer not in ("char", "bpe"):
         raise ConfigError(f"data.tokenizer must be 'char' or 'bpe', got {d.tokenizer!r}")
     if not 0.0 < d.val_fraction < 1.0:

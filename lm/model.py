@@ -101,9 +101,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.gelu = "none" if config.gelu == "exact" else "tanh"
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))          # (B, T, C)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), self.gelu)))  # (B, T, C)
 
 
 class Block(nn.Module):

@@ -29,6 +29,7 @@ from minigrad.io import atomic_write_text, load_file, load_metadata, save_file
 from .config import Config, ConfigError, ModelConfig, apply_overrides, load_config, validate
 from .data import CorpusError, get_batch, prepare_data
 from .model import GPT
+from .probes import StepProbe
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -227,7 +228,8 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     t_start = time.perf_counter()
     step_times = []
     last_eval = None
-    with open(metrics_path, "a", encoding="utf-8") as mlog:
+    probe = StepProbe(model, opt, t_cfg)   # memory / gradient statistics, when the config asks
+    with open(metrics_path, "a", encoding="utf-8") as mlog, probe:
         while True:
             is_last = step >= t_cfg.max_iters
             if step % t_cfg.eval_interval == 0 or is_last:
@@ -253,6 +255,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
             lr = sched.lr_at(step)
             opt.set_lr(lr)
             x, y = get_batch(data.train, t_cfg.batch_size, m_cfg.block_size, batch_rng)
+            probe.begin_step()
             _, loss = model(_dev(x, cfg), _dev(y, cfg))
             lossf = loss.item()
             if not math.isfinite(lossf):
@@ -260,7 +263,9 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
                     f"loss became {lossf} at step {step}; the last good checkpoint is kept at {ckpt_path} "
                     f"(try a lower train.learning_rate or train.grad_clip)")
             opt.zero_grad()
+            probe.mark("backward")
             loss.backward()
+            probe.after_backward(step)
             gnorm = mg.optim.clip_grad_norm_(model.parameters(), t_cfg.grad_clip) if t_cfg.grad_clip > 0 else \
                 math.sqrt(sum(float((p.grad.data.astype(np.float64) ** 2).sum()) for p in model.parameters()
                               if p.grad is not None))
@@ -268,6 +273,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
                 raise TrainingDiverged(f"gradient norm became {gnorm} at step {step}; the last good checkpoint "
                                        f"is kept at {ckpt_path}")
             opt.step()
+            extra = probe.end_step(step + 1)
             dt = time.perf_counter() - t0
             step_times.append(dt)
             step += 1
@@ -277,7 +283,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
             if callback is not None:
                 callback(step, lossf)
             mlog.write(json.dumps({"step": step, "loss": lossf, "lr": lr, "grad_norm": gnorm,
-                                   "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt}) + "\n")
+                                   "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt, **extra}) + "\n")
             if pbar is not None:
                 pbar.update(1)
                 if step % t_cfg.log_interval == 0 or step == t_cfg.max_iters:
@@ -286,6 +292,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
                 log(f"step {step}: loss {lossf:.4f}, {dt * 1e3:.0f} ms, {tokens_per_step / dt:,.0f} tok/s")
     if pbar is not None:
         pbar.close()
+    probe.finish(output_dir, log)
     wall = time.perf_counter() - t_start
     if best_val == math.inf:  # no evaluation after step 0 (max_iters == 0 or resumed at the end)
         save_model_dir(model_dir, model, data.tokenizer, cfg)

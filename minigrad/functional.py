@@ -83,7 +83,7 @@ def cross_entropy(logits, targets, ignore_index: int | None = -100, reduction: s
 def gelu(x, approximate: str = "tanh", fused: bool = True):
     """GELU. ``approximate="tanh"`` is GPT-2's formula; ``"none"`` is exact (with erf).
 
-    ``fused=True`` runs the tanh form as one node (``kernels.fused.GeluTanh``).
+    ``fused=True`` runs either form as one node (``kernels.fused.GeluTanh`` / ``GeluExact``).
     """
     x = _as_tensor(x)
     if approximate == "tanh" and fused:
@@ -91,6 +91,8 @@ def gelu(x, approximate: str = "tanh", fused: bool = True):
     if approximate == "tanh":
         c = math.sqrt(2.0 / math.pi)
         return 0.5 * x * (1.0 + ops.tanh(c * (x + 0.044715 * x * x * x)))
+    if approximate == "none" and fused:
+        return _fused.GeluExact()(x)
     if approximate == "none":
         return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
     raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")

@@ -25,10 +25,11 @@ rng = np.random.default_rng(0)
 
 
 @pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 8)])
-def test_gelu_fused_equals_composite(shape):
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_fused_equals_composite(shape, approximate):
     x = rng.standard_normal(shape) * 3
-    _both(lambda t: F.gelu(t, fused=True), lambda t: F.gelu(t, fused=False), x)
-    assert gradcheck(lambda t: F.gelu(t, fused=True), [x])
+    _both(lambda t: F.gelu(t, approximate, fused=True), lambda t: F.gelu(t, approximate, fused=False), x)
+    assert gradcheck(lambda t: F.gelu(t, approximate, fused=True), [x])
 
 
 @pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])

@@ -44,6 +44,28 @@ class GeluTanh(Function):
         return d
 
 
+class GeluExact(Function):
+    """0.5 x (1 + erf(x / sqrt(2))), the exact GELU."""
+
+    def forward(self, x):
+        e = backend.erf(x * (1.0 / math.sqrt(2.0)))
+        self.save_for_backward(x, e)
+        y = 1.0 + e
+        y *= x
+        y *= 0.5
+        return y
+
+    def backward(self, gy):
+        x, e = self.saved
+        xp = backend.get_array_module(x)
+        # d/dx = 0.5 (1 + erf(x / sqrt 2)) + x * exp(-x^2 / 2) / sqrt(2 pi)
+        d = xp.exp(-0.5 * x * x)
+        d *= x * (1.0 / math.sqrt(2.0 * math.pi))
+        d += 0.5 * (1.0 + e)
+        d *= gy
+        return d
+
+
 class LayerNorm(Function):
     """(x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
 
