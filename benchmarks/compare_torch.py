@@ -1,8 +1,9 @@
 """minigrad next to PyTorch (CPU): training step, attention kernels, generation.
 
-    python benchmarks/compare_torch.py                      # full run (minutes)
-    python benchmarks/compare_torch.py --quick              # smoke run (tens of seconds)
+    python benchmarks/compare_torch.py                      # full run (5-10 minutes on 2 cores)
+    python benchmarks/compare_torch.py --quick              # smoke run (a minute or two)
     python benchmarks/compare_torch.py --data tinyshakespeare.txt
+    python benchmarks/compare_torch.py --threads 1          # on a machine busy with other jobs
 
 What is measured, and how:
 
@@ -33,6 +34,11 @@ What is measured, and how:
   backward: VmHWM - VmRSS). A fresh process matters: a used one serves new arrays from
   memory it already holds. Implementations whose extrapolated need (tracemalloc peak at
   the previous T times (T / T_prev)^2) exceeds 2 GB are skipped.
+* **Threads.** ``--threads`` (default: all cores) is given to PyTorch, Numba and NumPy's
+  OpenBLAS alike. On a machine whose cores are taken by other jobs, a multi-threaded BLAS
+  or OpenMP call waits at its barrier for a thread the scheduler has parked: small
+  operations then take 10-100x longer, for both frameworks, and the numbers measure the
+  scheduler. ``--threads 1`` compares the frameworks core for core.
 * **Generation.** Greedy decoding of 200 new tokens with ``lm.generate.generate_ids``
   with and without the KV cache (outputs must be identical), and PyTorch without a
   cache (nanoGPT's ``generate``) for reference.
@@ -279,7 +285,7 @@ def torch_step(model, opt, params, x, y):
     return t1 - t0, t2 - t1, t3 - t2, lossf, float(gnorm)
 
 
-def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: int, peak: float,
+def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: int, peak_n: int,
                    profile_steps: int, log=print) -> dict:
     cfg, B = model_config(name, batches.vocab)
     mg.manual_seed(seed)
@@ -304,10 +310,18 @@ def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: i
     rec = {"ours": [], "torch": []}
     runners = {"ours": lambda x, y: ours_step(model, opt, params, x, y),
                "torch": lambda x, y: torch_step(tm, topt, tparams, x, y)}
+    # the matmul peak is timed between the steps too, so MFU divides by a rate measured under the same load
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((peak_n, peak_n)).astype(np.float32) for _ in range(2))
+    c = np.empty_like(a)
+    sgemm = []
     for i, (x, y) in enumerate(data):
         order = ("ours", "torch") if i % 2 == 0 else ("torch", "ours")   # alternate who goes first
         for who in order:
             rec[who].append(runners[who](x, y))
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=c)
+        sgemm.append(time.perf_counter() - t0)
         if (i + 1) % 5 == 0 or i + 1 == len(data):
             log(f"[{name}] step {i + 1}/{len(data)}: ours {sum(rec['ours'][-1][:3]) * 1e3:.0f} ms, "
                 f"PyTorch {sum(rec['torch'][-1][:3]) * 1e3:.0f} ms")
@@ -315,7 +329,8 @@ def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: i
     n_params = model.num_params()
     fpt = flops_per_token(n_params, cfg)
     tokens = B * cfg.block_size
-    out = {"config": dict(CONFIGS[name]), "n_params": n_params, "tokens_per_step": tokens,
+    peak = 2.0 * peak_n ** 3 / _median(sgemm[warmup:])
+    out = {"config": dict(CONFIGS[name]), "n_params": n_params, "tokens_per_step": tokens, "peak_flops": peak,
            "flops_per_step": fpt * tokens, "loss_first": {"ours": l_ours, "torch": l_torch},
            "grad_norm_first": {w: rec[w][0][4] for w in rec},
            "loss_last": {w: rec[w][-1][3] for w in rec}}
@@ -330,6 +345,20 @@ def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: i
     return out
 
 
+def _enclosing_class(path: str, line: int) -> str:
+    """'Linear.' for a method defined inside ``class Linear`` (cProfile names only the function)."""
+    import linecache
+    if linecache.getline(path, line)[:1] not in (" ", "\t"):
+        return ""                                   # a module-level function
+    for n in range(line - 1, 0, -1):
+        text = linecache.getline(path, n)
+        if text.startswith("class "):
+            return text[6:].split("(")[0].split(":")[0].strip() + "."
+        if text[:1] not in ("", " ", "\t", "\n", "#", "@", ")"):
+            return ""
+    return ""
+
+
 def profile_ours(model, opt, params, data, top: int = 14) -> list:
     """cProfile of our steps: the functions with the most own time, per step."""
     pr = cProfile.Profile()
@@ -341,7 +370,8 @@ def profile_ours(model, opt, params, data, top: int = 14) -> list:
     total = sum(v[2] for v in st.stats.values())
     rows = []
     for (fn, line, func), (cc, nc, tt, ct, _) in sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]:
-        where = func if fn == "~" else f"{os.path.relpath(fn, ROOT) if fn.startswith(ROOT) else os.path.basename(fn)}:{line}({func})"
+        path = os.path.relpath(fn, ROOT) if fn.startswith(ROOT) else os.path.basename(fn)
+        where = func if fn == "~" else f"{path}:{line}({_enclosing_class(fn, line)}{func})"
         rows.append({"function": where, "calls_per_step": nc / len(data), "ms_per_step": tt * 1e3 / len(data),
                      "share": tt / total})
     return rows
@@ -580,7 +610,8 @@ def write_report(res: dict, out_dir: str) -> str:
     parts = ["# minigrad vs PyTorch (CPU)", "",
              f"{env['cpu']}, {env['cores']} cores; Python {env['python']}, NumPy {env['numpy']} "
              f"({env['numpy_blas']}), Numba {env['numba']}, "
-             f"PyTorch {env['torch']}, minigrad {env['minigrad']} (git {env['git']}). Threads: PyTorch {res['threads']['torch']}, "
+             f"PyTorch {env['torch']}, minigrad {env['minigrad']} (git {env['git']}). "
+             f"Threads: PyTorch {res['threads']['torch']}, "
              f"Numba {res['threads']['numba']}, NumPy BLAS {res['threads']['numpy_blas']}. "
              f"Load average before/after: {res['load_before']} / {res['load_after']} (a shared machine: "
              f"ratios from interleaved runs are the numbers to read, absolute times are noisy). "
@@ -591,10 +622,13 @@ def write_report(res: dict, out_dir: str) -> str:
               f"after {res['warmup']} warm-up steps. "
               "fwd includes the loss; bwd includes zero_grad; opt is clip_grad_norm (1.0) + AdamW step. "
               "MFU: model FLOPs per step = tokens x (6 N + 12 L C T), N = non-embedding parameters "
-              "(PaLM's formula, as nanoGPT's estimate_mfu), over step time, over the measured NumPy "
-              f"float32 matmul rate ({peak['numpy_median'] / 1e9:.1f} GFLOP/s median, "
-              f"{peak['numpy_best'] / 1e9:.1f} best, {peak['n']}^3 sgemm; torch.mm: "
-              f"{peak['torch_median'] / 1e9:.1f} median, {peak['torch_best'] / 1e9:.1f} best).", ""]
+              "(PaLM's formula, as nanoGPT's estimate_mfu), over step time, over the NumPy float32 "
+              f"matmul rate ({peak['n']}^3 sgemm) timed between the steps of the same config, so both "
+              "are measured under the same load: "
+              + ", ".join(f"{n} {r['peak_flops'] / 1e9:.1f} GFLOP/s" for n, r in res["training"].items())
+              + f". Before the steps, alternating, NumPy's sgemm ran at {peak['numpy_median'] / 1e9:.1f} "
+              f"GFLOP/s (median; best {peak['numpy_best'] / 1e9:.1f}) and torch.mm at "
+              f"{peak['torch_median'] / 1e9:.1f} (best {peak['torch_best'] / 1e9:.1f}).", ""]
     rows, checks = [], []
     for name, r in res["training"].items():
         for who, label in (("ours", "minigrad"), ("torch", "PyTorch")):
@@ -620,7 +654,9 @@ def write_report(res: dict, out_dir: str) -> str:
     for name, r in res["training"].items():
         if r.get("profile"):
             parts += [f"Where our {name} step spends its time (cProfile, own time per step; the profiler "
-                      "inflates Python overhead):", "",
+                      "inflates Python overhead, and a product written `a @ b` is no call of its own, so "
+                      "BLAS time counts as own time of the function that computes it: the Linear op's "
+                      "forward and backward are mostly matrix products):", "",
                       md_table(["function", "calls/step", "ms/step", "share"],
                                [[f"`{p['function']}`", f"{p['calls_per_step']:.0f}", f"{p['ms_per_step']:.1f}",
                                  f"{100 * p['share']:.1f}%"] for p in r["profile"]]), ""]
@@ -656,7 +692,8 @@ def write_report(res: dict, out_dir: str) -> str:
               f"{g['torch_agreeing_tokens']}/{g['new_tokens']} new tokens (an untrained model's logits are "
               "close together, so float rounding can flip an argmax).", ""]
     rows = [[k, f"{v['s']:.2f}", f"{v['tokens_s']:,.0f}"] for k, v in g.items() if isinstance(v, dict)]
-    rows.append(["ours: cache speed-up", "", f"{g['ours, KV cache']['tokens_s'] / g['ours, no cache']['tokens_s']:.2f}x"])
+    speedup = g["ours, KV cache"]["tokens_s"] / g["ours, no cache"]["tokens_s"]
+    rows.append(["ours: cache speed-up", "", f"{speedup:.2f}x"])
     parts += [md_table(["run", "seconds", "tokens/s"], rows), ""]
     text = "\n".join(parts)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
@@ -681,11 +718,11 @@ def plot(res: dict, path: str) -> None:
         ax.set_title(f"{name}: ms per training step (ours / PyTorch = {ratio:.2f}x)")
         ax.set_ylabel("ms")
         ax.legend()
-    Ts = list(res["attention"])
+    attn = {int(T): row for T, row in res["attention"].items()}   # keys are strings after a JSON round trip
+    Ts = sorted(attn)
     styles = dict(zip(ATTN_LABELS, ("o-", "s-", "^-", "x--", "v-", "D-")))
     for n in ATTN_LABELS:
-        pts = [(T, res["attention"][T][n]) for T in Ts if n in res["attention"][T]
-               and not res["attention"][T][n].get("skipped")]
+        pts = [(T, attn[T][n]) for T in Ts if n in attn[T] and not attn[T][n].get("skipped")]
         if not pts:
             continue
         axes[1, 0].plot([T for T, _ in pts], [r["total"] * 1e3 for _, r in pts], styles[n], label=ATTN_LABELS[n])
@@ -698,7 +735,7 @@ def plot(res: dict, path: str) -> None:
     axes[1, 1].set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="MB",
                    title="attention extra memory (RSS peak, fresh process)")
     for ax in axes[1]:
-        ax.set_xticks([int(T) for T in Ts], [str(T) for T in Ts])
+        ax.set_xticks(Ts, [str(T) for T in Ts])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
@@ -752,8 +789,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
 
-    res = {"mode": "quick" if q else "full", "steps": {n: steps[n] for n in args.configs}, "warmup": warmup, "env": environment(),
-           "threads": threads}
+    res = {"mode": "quick" if q else "full", "steps": {n: steps[n] for n in args.configs}, "warmup": warmup,
+           "env": environment(), "threads": threads}
     batches = Batches(args.data, args.seed)
     res["data"] = batches.source
     print(f"environment: {res['env']}")
@@ -764,11 +801,11 @@ def main(argv=None) -> int:
 
     res["training"] = {}
     for name in args.configs:
-        res["training"][name] = bench_training(name, batches, steps[name], warmup, args.seed, res["peak"]["numpy_median"],
-                                               0 if (q or args.no_profile) else 3)
+        res["training"][name] = bench_training(name, batches, steps[name], warmup, args.seed,
+                                               res["peak"]["n"], 0 if (q or args.no_profile) else 3)
 
     names = ["blocked", "flash", "reference", "node", "composite", "torch"]
-    res["attention"] = bench_attention(Ts, names, reps_at_256=2 if q else 12, min_reps=2 if q else 3,
+    res["attention"] = bench_attention(Ts, names, reps_at_256=2 if q else 24, min_reps=2 if q else 3,
                                        rss=not args.no_rss, threads=args.threads)
     res["generation"] = bench_generation(batches, gen_tokens, 1 if q else 3, args.seed)
 

@@ -118,6 +118,9 @@ def plot_grad_flow(records, *, path=None, title: str = "Gradient flow", figsize=
         a2.set_yticks(pos, names, fontsize=8 if len(names) > 15 else None)
         a2.invert_yaxis()
         a2.set_xscale("log")
+        ok = vals[np.isfinite(vals) & (vals > 0)]
+        if ok.size:   # bars grow from the left edge: keep it left of both the bars and the guide
+            a2.set_xlim(left=min(1e-4, float(ok.min()) / 3))
         a2.axvline(1e-3, color="gray", ls="--", lw=1)
         a2.set_xlabel("||update|| / ||weight||")
         a2.grid(True, axis="x", alpha=0.3)

@@ -22,9 +22,10 @@ Categories (each buffer counted once, in the first category that holds it):
 - ``activations``: the arrays that recorded graph nodes keep for backward
   (``Function.saved``); counted when saved, uncounted when backward frees them or when
   the graph is garbage collected;
-- ``other``: what else the live graph keeps: the data of its intermediate tensors that no
-  backward needs but ``Function.inputs`` still references, the constants and inputs it
-  holds, and the gradients in flight during backward.
+- ``other``: the rest of what the graph keeps alive: the data of its tensors that no
+  backward needs (intermediate results that ``Function.inputs`` still references until
+  backward passes them, the logits and loss the caller holds), the constants and inputs
+  it holds, and the gradients in flight during backward.
 
 On NumPy the bytes are exact sums over the buffers the engine holds: views share their
 ``.base``, so a buffer is counted once however many views of it are held. Arrays that a
@@ -110,6 +111,8 @@ class MemoryTracker(Observer):
         self._leaf_cache: dict = {}  # id(leaves) -> (len, bytes)
         self._static = {"parameters": 0, "gradients": 0, "optimizer": 0}
         self._param_roots: set = set()
+        self._grad_roots: set = set()
+        self._version = 0            # bumped when the static categories are re-counted
         self._ctx = None
         self._gpu = any(backend.is_cupy_array(p.data) for p in self._params)
         self.label = "start"
@@ -122,7 +125,6 @@ class MemoryTracker(Observer):
             self._ctx = observe(self)
             self._ctx.__enter__()
             self._refresh_static()
-            self._sample()
         return self
 
     def stop(self) -> None:
@@ -186,6 +188,8 @@ class MemoryTracker(Observer):
         params = [p.data for p in self._params]
         self._param_roots = set(_roots(params))
         grads = [p.grad.data for p in self._params if p.grad is not None]
+        self._grad_roots = set(_roots(grads))
+        self._version += 1
         opt = []
         if self.optimizer is not None:
             for st in self.optimizer.state.values():
@@ -301,10 +305,13 @@ class MemoryTracker(Observer):
         if fn.saved is None:
             self._unsave(id(fn))
         key = id(leaves)
-        n, lb = self._leaf_cache.get(key, (-1, 0))
-        if n != len(leaves):              # a parameter gradient appeared; sizes do not change after
-            lb = unique_nbytes(v[1] for v in leaves.values())
-            self._leaf_cache[key] = (len(leaves), lb)
+        n, lb = self._leaf_cache.get(key, (None, 0))
+        if n != (len(leaves), self._version):   # a gradient appeared (sizes do not change after)
+            # a gradient handed back by a recompute (checkpoint, reversible) may still be counted
+            # in `.grad`, where the inner backward left it: count it once
+            lb = sum(int(r.nbytes) for k, r in _roots(v[1] for v in leaves.values()).items()
+                     if k not in self._grad_roots)
+            self._leaf_cache[key] = ((len(leaves), self._version), lb)
         self._inflight[id(pending)] = (lb, unique_nbytes(pending.values()))
         self._sample()
 
@@ -313,14 +320,6 @@ class MemoryTracker(Observer):
         self._leaf_cache.pop(id(leaves), None)
         self._refresh_static()
         self._sample()
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024.0
-    return f"{n:.2f} GiB"
 
 
 def summary_table(rows: dict) -> str:
