@@ -126,9 +126,11 @@ if torch is not None:
             super().__init__()
             self.c_fc = tnn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias)
             self.c_proj = tnn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias)
+            # the GELU our config asks for: GPT-2's tanh approximation unless "exact"
+            self.approximate = "none" if getattr(c, "gelu", "tanh") == "exact" else "tanh"
 
         def forward(self, x):
-            return self.c_proj(TF.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's GELU, as ours
+            return self.c_proj(TF.gelu(self.c_fc(x), approximate=self.approximate))
 
     class TorchBlock(tnn.Module):
         def __init__(self, c: ModelConfig):
@@ -227,7 +229,8 @@ def model_config(name: str, vocab: int, block_size=None) -> tuple[ModelConfig, i
     batch = c.pop("batch")
     if block_size:
         c["block_size"] = block_size
-    return ModelConfig(vocab_size=vocab, dropout=0.0, bias=True, attention="auto", **c), batch
+    extra = {"gelu": "tanh"} if "gelu" in ModelConfig.__dataclass_fields__ else {}   # GPT-2's GELU
+    return ModelConfig(vocab_size=vocab, dropout=0.0, bias=True, attention="auto", **extra, **c), batch
 
 
 def flops_per_token(n_params: int, cfg: ModelConfig) -> int:

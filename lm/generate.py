@@ -102,8 +102,7 @@ class _Stepper:
         return self.model.logits_last(ctx, self.cache)
 
     def first(self, seqs):
-        keep = self.block if not self.use_cache else self.block
-        return backend.to_numpy(self._prefill(np.asarray(seqs)[:, -keep:]))
+        return backend.to_numpy(self._prefill(seqs))
 
     def next(self, seqs, new_tokens):
         if not self.use_cache:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minigrad.io import atomic_write_text
 

@@ -223,7 +223,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     tokens_per_step = t_cfg.batch_size * m_cfg.block_size
     pbar = None
     if t_cfg.progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
         pbar = tqdm(total=t_cfg.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
     step_times = []
@@ -318,9 +318,8 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
 
 def plot_training(metrics_path: str, png_path: str) -> None:
     """Loss (per step and evaluated) and gradient norm against step, from the metrics log."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure (no pyplot): drawing a file must not switch a notebook's backend
+    from matplotlib.figure import Figure
 
     steps, losses, gnorms, evals = [], [], [], []
     with open(metrics_path, encoding="utf-8") as f:
@@ -332,7 +331,8 @@ def plot_training(metrics_path: str, png_path: str) -> None:
                 steps.append(r["step"])
                 losses.append(r["loss"])
                 gnorms.append(r["grad_norm"])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    a1, a2 = fig.subplots(1, 2)
     if steps:
         a1.plot(steps, losses, lw=0.7, alpha=0.6, label="batch loss")
     if evals:
@@ -353,7 +353,6 @@ def plot_training(metrics_path: str, png_path: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path + ".tmp.png", dpi=110)
     os.replace(png_path + ".tmp.png", png_path)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
