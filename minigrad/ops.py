@@ -504,7 +504,8 @@ class Linear(Function):
         if x.shape[-1] != w.shape[-1]:
             raise ShapeError(f"linear: input of shape {x.shape} does not fit weight of shape {w.shape} "
                              f"(last dimensions {x.shape[-1]} != {w.shape[-1]})")
-        y = x @ w.T
+        # one (N, in) @ (in, out) product: a 3-D @ 2-D matmul runs one BLAS call per batch row
+        y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))
         if b is not None:
             y += b
         return y

@@ -7,7 +7,7 @@ queries are the last T of S positions (S > T when a KV cache holds the past).
 - ``flash_*`` (Numba): FlashAttention's scheme written as loops. Tiles of queries and
   keys, an online softmax (running max and sum, rescaling the partial output), only the
   output and the row log-sum-exp kept for backward, which recomputes scores tile by tile.
-  Parallel over (batch x head x query tile). Extra memory: O(tile^2) per thread.
+  Parallel over (batch x head x query tile). Extra memory: O(tile x D) per thread.
 - ``blocked_*``: the same saved state (output + log-sum-exp), but a block of query rows
   at a time against all the keys it may see, so the two matrix products go to BLAS
   (NumPy/CuPy matmul) and only the elementwise softmax work runs in a Numba loop (or in
@@ -146,7 +146,7 @@ if HAVE_NUMBA:
                     dq[b, i, d] += ds * k[b, j, d]
 
     @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
-    def _flash_bwd_dkv(q, k, v, o, lse, do, scale, causal, dk, dv):
+    def _flash_bwd_dkv(q, k, v, delta, lse, do, scale, causal, dk, dv):
         # one key row at a time (no write conflicts between threads): sums over the queries that see it
         BH, T, D = q.shape
         S = k.shape[1]
@@ -159,15 +159,13 @@ if HAVE_NUMBA:
                 dv[b, j, d] = 0.0
             i_first = max(0, j - off) if causal else 0
             for i in range(i_first, T):
-                delta = 0.0
                 sij = 0.0
                 dpij = 0.0
                 for d in range(D):
-                    delta += do[b, i, d] * o[b, i, d]
                     sij += q[b, i, d] * k[b, j, d]
                     dpij += do[b, i, d] * v[b, j, d]
                 p = math.exp(sij * scale - lse[b, i])
-                ds = p * (dpij - delta) * scale
+                ds = p * (dpij - delta[b, i]) * scale
                 for d in range(D):
                     dv[b, j, d] += p * do[b, i, d]
                     dk[b, j, d] += ds * q[b, i, d]
@@ -229,7 +227,8 @@ def flash_backward(q, k, v, o, lse, do, scale: float, causal: bool = True):
     _need_numba()
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     _flash_bwd_dq(q, k, v, o, lse, do, scale, causal, dq)
-    _flash_bwd_dkv(q, k, v, o, lse, do, scale, causal, dk, dv)
+    delta = np.ascontiguousarray((do * o).sum(axis=-1))      # rowsum(dO * O), once per query
+    _flash_bwd_dkv(q, k, v, delta, lse, do, scale, causal, dk, dv)
     return dq, dk, dv
 
 
