@@ -98,7 +98,7 @@ class _Stepper:
         ctx = np.asarray(seqs)[:, -self.block:]
         if not self.use_cache:
             return self.model.logits_last(ctx)
-        self.cache = KVCache(self.model.config.n_layer)
+        self.cache = KVCache(self.model.config.n_layer, capacity=self.block)
         return self.model.logits_last(ctx, self.cache)
 
     def first(self, seqs):

@@ -25,26 +25,45 @@ from .config import ModelConfig
 class KVCache:
     """Keys and values of past positions, per layer, for incremental decoding.
 
-    ``k[i]`` and ``v[i]`` are raw arrays of shape (B, nh, S, hs); ``pos`` is S.
+    Each layer's keys and values live in a buffer of shape (B, nh, capacity, hs) that is
+    written in place (no copy of the past at each step); ``k[i]``/``v[i]`` are views of the
+    filled part, (B, nh, S, hs). ``pos`` is S. Without a capacity the buffers double as needed.
     """
 
-    def __init__(self, n_layer: int):
+    def __init__(self, n_layer: int, capacity: int | None = None):
+        self.capacity = capacity
+        self._kbuf = [None] * n_layer
+        self._vbuf = [None] * n_layer
         self.k = [None] * n_layer
         self.v = [None] * n_layer
         self.pos = 0
 
     def append(self, layer: int, k, v):
         xp = backend.get_array_module(k)
-        if self.k[layer] is not None:
-            k = xp.concatenate([self.k[layer], k], axis=2)
-            v = xp.concatenate([self.v[layer], v], axis=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+        n0 = 0 if self.k[layer] is None else self.k[layer].shape[2]
+        n1 = n0 + k.shape[2]
+        buf = self._kbuf[layer]
+        if buf is None or buf.shape[2] < n1:
+            cap = max(n1, self.capacity or 0, 2 * (buf.shape[2] if buf is not None else 0))
+            kb = xp.empty(k.shape[:2] + (cap,) + k.shape[3:], dtype=k.dtype)
+            vb = xp.empty_like(kb)
+            kb[:, :, :n0] = self.k[layer] if n0 else 0
+            vb[:, :, :n0] = self.v[layer] if n0 else 0
+            self._kbuf[layer], self._vbuf[layer] = kb, vb
+        kb, vb = self._kbuf[layer], self._vbuf[layer]
+        kb[:, :, n0:n1] = k
+        vb[:, :, n0:n1] = v
+        self.k[layer], self.v[layer] = kb[:, :, :n1], vb[:, :, :n1]
+        return self.k[layer], self.v[layer]
 
     def reorder(self, index) -> None:
         """Keep batch rows ``index`` (beam search moves caches with their beams)."""
-        self.k = [None if k is None else k[index] for k in self.k]
-        self.v = [None if v is None else v[index] for v in self.v]
+        for i, (kb, vb) in enumerate(zip(self._kbuf, self._vbuf)):
+            if kb is None:
+                continue
+            n = self.k[i].shape[2]
+            self._kbuf[i], self._vbuf[i] = kb[index], vb[index]
+            self.k[i], self.v[i] = self._kbuf[i][:, :, :n], self._vbuf[i][:, :, :n]
 
 
 class CausalSelfAttention(nn.Module):
@@ -87,10 +106,10 @@ def attention(q, k, v, dropout_p: float = 0.0, impl: str = "auto"):
                                               training=dropout_p > 0)
     if not mg.is_grad_enabled() and q.shape[-2] == 1:
         # decoding one token against the cache: every cached position is visible, no mask
-        xp = backend.get_array_module(q.data)
         B, nh, _, hs = q.shape
-        y = decode_attention(q.data.reshape(B * nh, 1, hs), xp.ascontiguousarray(k.data).reshape(B * nh, -1, hs),
-                             xp.ascontiguousarray(v.data).reshape(B * nh, -1, hs), 1.0 / math.sqrt(hs))
+        # the cache's views merge (B, nh) without a copy: matmul reads the strided batch
+        y = decode_attention(q.data.reshape(B * nh, 1, hs), k.data.reshape(B * nh, -1, hs),
+                             v.data.reshape(B * nh, -1, hs), 1.0 / math.sqrt(hs))
         return Tensor(y.reshape(B, nh, 1, hs))
     return fused_attention(q, k, v, causal=True, impl=impl)
 

@@ -166,14 +166,16 @@ def test_config_rejects_negative_checkpoint_every():
         validate(cfg)
 
 
-def test_gpt_with_checkpointing_trains(tmp_path):
+@pytest.mark.parametrize("switches", [["model.checkpoint_every=1"], ["model.reversible=true"],
+                                      ["model.reversible=true", "model.checkpoint_every=1"]])
+def test_gpt_with_memory_switches_trains(tmp_path, switches):
     from lm import train as lt
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(["the cat sat on the mat and the dog ran far away home."] * 200))
     out = tmp_path / "run"
     rc = lt.main(["--data", str(corpus), "--output_dir", str(out), "--max_iters", "30", "--no_progress",
                   "--seed", "3", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
-                  "model.checkpoint_every=1", "model.dropout=0.1", "train.batch_size=8", "train.eval_iters=2",
+                  *switches, "model.dropout=0.1", "train.batch_size=8", "train.eval_iters=2",
                   "train.eval_interval=30", "train.warmup_iters=2", "train.learning_rate=3e-3",
                   "train.sample_tokens=0", f"data.cache_dir={out}/cache"])
     assert rc == 0

@@ -166,18 +166,3 @@ def test_gpt_reversible_activation_memory_is_flat_in_depth():
         return mt.max_bytes["activations"]
 
     assert peak(8) <= 1.2 * peak(2)
-
-
-def test_gpt_reversible_trains(tmp_path):
-    from lm import train as lt
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(["the cat sat on the mat and the dog ran far away home."] * 200))
-    out = tmp_path / "run"
-    rc = lt.main(["--data", str(corpus), "--output_dir", str(out), "--max_iters", "30", "--no_progress",
-                  "--seed", "3", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
-                  "model.reversible=true", "model.dropout=0.1", "train.batch_size=8", "train.eval_iters=2",
-                  "train.eval_interval=30", "train.warmup_iters=2", "train.learning_rate=3e-3",
-                  "train.sample_tokens=0", f"data.cache_dir={out}/cache"])
-    assert rc == 0
-    evals = [json.loads(x) for x in open(out / "metrics.jsonl") if '"kind"' in x]
-    assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 0.5
