@@ -86,7 +86,7 @@ CONFIGS = {
     # nanoGPT's shakespeare_char "baby GPT"
     "baby-GPT": dict(batch=8, block_size=256, n_layer=6, n_head=6, n_embd=384),
 }
-DEFAULT_STEPS = {"nanoGPT-CPU": 20, "baby-GPT": 10}   # timed steps of a full run (a baby-GPT step takes seconds)
+DEFAULT_STEPS = {"nanoGPT-CPU": 30, "baby-GPT": 15}   # timed steps of a full run (a baby-GPT step takes seconds)
 LR, BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP = 1e-3, (0.9, 0.99), 1e-8, 0.1, 1.0
 LOSS_TOL = 1e-4
 ATTN_HEADS, ATTN_HS = 4, 64
@@ -288,6 +288,9 @@ def torch_step(model, opt, params, x, y):
     return t1 - t0, t2 - t1, t3 - t2, lossf, float(gnorm)
 
 
+BLOCK = 5   # training steps per framework before switching to the other
+
+
 def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: int, peak_n: int,
                    profile_steps: int, log=print) -> dict:
     cfg, B = model_config(name, batches.vocab)
@@ -318,27 +321,35 @@ def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: i
     a, b = (rng.standard_normal((peak_n, peak_n)).astype(np.float32) for _ in range(2))
     c = np.empty_like(a)
     sgemm = []
-    for i, (x, y) in enumerate(data):
-        order = ("ours", "torch") if i % 2 == 0 else ("torch", "ours")   # alternate who goes first
+    # Steps run in blocks of BLOCK per framework, and the first step of each block is not
+    # timed: NumPy's BLAS threads and PyTorch's OpenMP threads both spin for a while after
+    # their work, so a step that follows the other framework's step pays for its idle spinning.
+    # Alternating single steps made PyTorch's nanoGPT-CPU step look 3x slower than run alone.
+    timed = {"ours": [], "torch": []}
+    chunks = [data[i:i + BLOCK] for i in range(0, len(data), BLOCK)]
+    for ci, chunk in enumerate(chunks):
+        order = ("ours", "torch") if ci % 2 == 0 else ("torch", "ours")   # alternate who goes first
         for who in order:
-            rec[who].append(runners[who](x, y))
+            for j, (x, y) in enumerate(chunk):
+                r = runners[who](x, y)
+                rec[who].append(r)
+                if j > 0 and ci * BLOCK + j >= warmup:
+                    timed[who].append(r)
         t0 = time.perf_counter()
         np.matmul(a, b, out=c)
         sgemm.append(time.perf_counter() - t0)
-        if (i + 1) % 5 == 0 or i + 1 == len(data):
-            log(f"[{name}] step {i + 1}/{len(data)}: ours {sum(rec['ours'][-1][:3]) * 1e3:.0f} ms, "
-                f"PyTorch {sum(rec['torch'][-1][:3]) * 1e3:.0f} ms")
+        log(f"[{name}] steps {ci * BLOCK + len(chunk)}/{len(data)}: ours {sum(rec['ours'][-1][:3]) * 1e3:.0f} ms, "
+            f"PyTorch {sum(rec['torch'][-1][:3]) * 1e3:.0f} ms")
 
     n_params = model.num_params()
     fpt = flops_per_token(n_params, cfg)
     tokens = B * cfg.block_size
-    peak = 2.0 * peak_n ** 3 / _median(sgemm[warmup:])
+    peak = 2.0 * peak_n ** 3 / _median(sgemm[1:] or sgemm)
     out = {"config": dict(CONFIGS[name]), "n_params": n_params, "tokens_per_step": tokens, "peak_flops": peak,
            "flops_per_step": fpt * tokens, "loss_first": {"ours": l_ours, "torch": l_torch},
            "grad_norm_first": {w: rec[w][0][4] for w in rec},
            "loss_last": {w: rec[w][-1][3] for w in rec}}
-    for who, r in rec.items():
-        r = r[warmup:]
+    for who, r in timed.items():
         fwd, bwd, opt_t = ([s[j] for s in r] for j in range(3))
         total = _median([a + b + c for a, b, c in zip(fwd, bwd, opt_t)])
         flops_s = fpt * tokens / total
@@ -621,8 +632,10 @@ def write_report(res: dict, out_dir: str) -> str:
              f"Data: {res['data']}. Mode: {res['mode']}; total run time {res['wall_s']:.0f} s.", ""]
 
     parts += ["## Training step", "",
-              f"Medians over interleaved steps ({', '.join(f'{n}: {k}' for n, k in res['steps'].items())}) "
-              f"after {res['warmup']} warm-up steps. "
+              f"Medians over steps ({', '.join(f'{n}: {k}' for n, k in res['steps'].items())}) run in "
+              f"alternating blocks of {BLOCK} per framework, the first step of each block and the first "
+              f"{res['warmup']} steps untimed (thread pools spin after their work: a step right after the "
+              "other framework's is slowed by it). "
               "fwd includes the loss; bwd includes zero_grad; opt is clip_grad_norm (1.0) + AdamW step. "
               "MFU: model FLOPs per step = tokens x (6 N + 12 L C T), N = non-embedding parameters "
               "(PaLM's formula, as nanoGPT's estimate_mfu), over step time, over the NumPy float32 "
