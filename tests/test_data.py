@@ -1,4 +1,4 @@
-"""Corpora, token caches and batches. No test touches the network or ../shared."""
+"""Corpora, token caches and batches. No test touches the network or the shared benchmark data."""
 
 import io
 import json
