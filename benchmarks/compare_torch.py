@@ -779,6 +779,8 @@ def main(argv=None) -> int:
     p.add_argument("--no_profile", action="store_true", help="skip the cProfile table of our step")
     p.add_argument("--_child_attn", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # as lm.train does; the allocator setting holds for the whole process, PyTorch included
+    mg.backend.keep_freed_memory()
 
     if torch is None:
         print("error: this benchmark needs PyTorch as the reference (pip install torch); "

@@ -165,6 +165,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     use it for live plots; tests use it to interrupt a run).
     """
     t_cfg, m_cfg = cfg.train, cfg.model
+    backend.keep_freed_memory()   # reuse freed arrays' memory: about 25% faster steps (see backend)
     dtype = np.dtype(t_cfg.dtype)
     backend.check_device(t_cfg.device)
     os.makedirs(output_dir, exist_ok=True)

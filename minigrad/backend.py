@@ -188,3 +188,30 @@ def _build_np_erf():
     except Exception:  # Numba missing or failing: exact but slow fallback
         f = np.frompyfunc(math.erf, 1, 1)
         return lambda x: f(x).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- allocator
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of returning it to the OS.
+
+    By default glibc serves each array of a few hundred KB or more with a fresh mmap and
+    unmaps it on free, so every temporary of a training step page-faults its memory in
+    again (the kernel zeroes each page). Serving arrays below ``mmap_threshold`` from the
+    heap, and trimming the heap only past ``trim_threshold`` free bytes, made a small
+    GPT's training step about 25% faster on our machine. The price: the process keeps
+    its peak memory until it exits. Linux with glibc only; returns False where it does
+    nothing. ``lm.train`` calls it; a library import never does.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+        import sys
+        if not sys.platform.startswith("linux"):
+            return False
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))
+        ok = libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold)) and ok
+        return bool(ok)
+    except Exception:  # no glibc (musl, macOS, Windows): leave the allocator alone
+        return False
