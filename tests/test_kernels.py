@@ -95,3 +95,14 @@ def test_numba_cache_dir_is_writable_or_default():
     d = os.environ.get("NUMBA_CACHE_DIR")
     assert d is None or os.access(d, os.W_OK) or not os.path.exists(d)
     assert _numba.HAVE_NUMBA
+
+
+def test_keep_freed_memory_applies_on_linux_and_never_raises():
+    import sys
+    from minigrad import backend
+    ok = backend.keep_freed_memory()
+    assert isinstance(ok, bool)
+    if sys.platform.startswith("linux"):
+        import platform
+        if platform.libc_ver()[0] == "glibc":
+            assert ok is True
