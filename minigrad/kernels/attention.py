@@ -201,10 +201,9 @@ def _need_numba():
 def _softmax_rows(s, scale, row0, causal, lse):
     """s (BH, R, S): raw scores of query rows row0.. -> probabilities, in place; lse (BH, R) out."""
     xp = backend.get_array_module(s)
-    R, S = s.shape[1], s.shape[2]
     s *= scale
     if causal:
-        s[:, _future_rows(row0, R, S, xp)] = -xp.inf
+        s += _causal_bias(row0, s.shape[1], s.shape[2], s.dtype, xp)   # -inf on future keys
     m = s.max(axis=-1, keepdims=True)
     xp.subtract(s, m, out=s)
     xp.exp(s, out=s)
@@ -216,21 +215,34 @@ def _softmax_rows(s, scale, row0, causal, lse):
 def _softmax_grad_rows(s, dp, lse, delta, scale, row0, causal):
     """s: raw scores -> P in place; dp: dO V^T -> dS (times scale) in place."""
     xp = backend.get_array_module(s)
-    R, S = s.shape[1], s.shape[2]
     s *= scale
+    if causal:
+        s += _causal_bias(row0, s.shape[1], s.shape[2], s.dtype, xp)   # exp(-inf) = 0 there
     s -= lse[..., None]
     xp.exp(s, out=s)
-    if causal:
-        fut = _future_rows(row0, R, S, xp)
-        s[:, fut] = 0
     dp -= delta[..., None]
     dp *= s
     dp *= scale
 
 
-def _future_rows(row0, R, S, xp):
-    """(R, S) mask for query rows row0..row0+R-1 (absolute key positions): True where j > row."""
-    return xp.arange(S)[None, :] > (row0 + xp.arange(R))[:, None]
+_bias_cache: dict = {}
+
+
+def _causal_bias(row0, R, S, dtype, xp):
+    """(R, S) array: 0 where query row0 + r may see key j, -inf where j lies in its future.
+
+    Adding it is one pass over the scores; a boolean-mask assignment was several. Cached,
+    since a training run asks for the same few blocks at every step.
+    """
+    key = (row0, R, S, str(dtype), xp.__name__)
+    b = _bias_cache.get(key)
+    if b is None:
+        fut = xp.arange(S)[None, :] > (row0 + xp.arange(R))[:, None]
+        b = xp.where(fut, -xp.inf, 0.0).astype(dtype)
+        if len(_bias_cache) > 256:
+            _bias_cache.clear()
+        _bias_cache[key] = b
+    return b
 
 
 def blocked_forward(q, k, v, scale: float, causal: bool = True, block: int = 128):
