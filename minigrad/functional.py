@@ -159,11 +159,6 @@ def masked_fill(x, mask, value: float):
     return ops.where(m, float(value), x)
 
 
-def causal_mask(T: int, xp=np):
-    """Boolean (T, T) mask that is True above the diagonal: the future a position may not see."""
-    return ~xp.tril(xp.ones((T, T), dtype=bool))
-
-
 def tril(x, k: int = 0):
     """Keep the lower triangle of the last two axes, zero the rest."""
     xp = backend.get_array_module(x.data)

@@ -294,6 +294,18 @@ def _grads_equal(mg_params, torch_params, rtol=1e-12):
                                    rtol=rtol, atol=1e-13, err_msg=name)
 
 
+def _same_as_torch(torch, ours, theirs, x, r, backend, rtol, atol, grad_rtol, grad_atol):
+    """Forward and the gradient of sum(y * r) through both modules: outputs and x.grad agree."""
+    xm = t(x, backend, requires_grad=True)
+    y = ours(xm)
+    (y * t(r, backend)).sum().backward()
+    xt = torch.tensor(x, requires_grad=True)
+    yt = theirs(xt)
+    (yt * torch.from_numpy(r)).sum().backward()
+    np.testing.assert_allclose(to_numpy(y.data), yt.detach().numpy(), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(to_numpy(xm.grad.data), xt.grad.numpy(), rtol=grad_rtol, atol=grad_atol)
+
+
 def test_linear_matches_torch(backend):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(1)
@@ -308,14 +320,7 @@ def test_linear_matches_torch(backend):
         r = rng.standard_normal(shape[:-1] + (3,))
         lin.zero_grad()
         tl.zero_grad()
-        xm = t(x, backend, requires_grad=True)
-        y = lin(xm)
-        (y * t(r, backend)).sum().backward()
-        xt = torch.tensor(x, requires_grad=True)
-        yt = tl(xt)
-        (yt * torch.from_numpy(r)).sum().backward()
-        np.testing.assert_allclose(to_numpy(y.data), yt.detach().numpy(), rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(to_numpy(xm.grad.data), xt.grad.numpy(), rtol=1e-12, atol=1e-14)
+        _same_as_torch(torch, lin, tl, x, r, backend, 1e-12, 1e-14, 1e-12, 1e-14)
         _grads_equal(dict(lin.named_parameters()), dict(tl.named_parameters()))
 
 
@@ -342,14 +347,7 @@ def test_layernorm_matches_torch(backend):
     ln.to(backend)
     x = rng.standard_normal((2, 3, 6)) * 5 + 2
     r = rng.standard_normal((2, 3, 6))
-    xm = t(x, backend, requires_grad=True)
-    y = ln(xm)
-    (y * t(r, backend)).sum().backward()
-    xt = torch.tensor(x, requires_grad=True)
-    yt = tln(xt)
-    (yt * torch.from_numpy(r)).sum().backward()
-    np.testing.assert_allclose(to_numpy(y.data), yt.detach().numpy(), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(to_numpy(xm.grad.data), xt.grad.numpy(), rtol=1e-9, atol=1e-11)
+    _same_as_torch(torch, ln, tln, x, r, backend, 1e-10, 1e-12, 1e-9, 1e-11)
     _grads_equal(dict(ln.named_parameters()), dict(tln.named_parameters()), rtol=1e-10)
 
 

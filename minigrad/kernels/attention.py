@@ -122,29 +122,31 @@ if HAVE_NUMBA:
                     o[b, i0 + ii, d] = acc[ii, d] * inv
                 lse[b, i0 + ii] = m[ii] + math.log(lsum[ii])
 
+    @numba.njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+    def _p_ds(q, k, v, do, lse, delta, scale, b, i, j):
+        # the recomputed probability p_ij and its score gradient ds_ij = p_ij (dp_ij - delta_i) scale
+        sij = 0.0
+        dpij = 0.0
+        for d in range(q.shape[2]):
+            sij += q[b, i, d] * k[b, j, d]
+            dpij += do[b, i, d] * v[b, j, d]
+        p = math.exp(sij * scale - lse[b, i])
+        return p, p * (dpij - delta[b, i]) * scale
+
     @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
-    def _flash_bwd_dq(q, k, v, o, lse, do, scale, causal, dq):
-        # one query row at a time: dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j
+    def _flash_bwd_dq(q, k, v, delta, lse, do, scale, causal, dq):
+        # one query row at a time: dq_i = sum_j ds_ij k_j
         BH, T, D = q.shape
         S = k.shape[1]
         off = S - T
         for job in numba.prange(BH * T):
             b = job // T
             i = job % T
-            delta = 0.0
-            for d in range(D):
-                delta += do[b, i, d] * o[b, i, d]
             jlim = min(S, i + off + 1) if causal else S
             for d in range(D):
                 dq[b, i, d] = 0.0
             for j in range(jlim):
-                sij = 0.0
-                dpij = 0.0
-                for d in range(D):
-                    sij += q[b, i, d] * k[b, j, d]
-                    dpij += do[b, i, d] * v[b, j, d]
-                p = math.exp(sij * scale - lse[b, i])
-                ds = p * (dpij - delta) * scale
+                _, ds = _p_ds(q, k, v, do, lse, delta, scale, b, i, j)
                 for d in range(D):
                     dq[b, i, d] += ds * k[b, j, d]
 
@@ -162,13 +164,7 @@ if HAVE_NUMBA:
                 dv[b, j, d] = 0.0
             i_first = max(0, j - off) if causal else 0
             for i in range(i_first, T):
-                sij = 0.0
-                dpij = 0.0
-                for d in range(D):
-                    sij += q[b, i, d] * k[b, j, d]
-                    dpij += do[b, i, d] * v[b, j, d]
-                p = math.exp(sij * scale - lse[b, i])
-                ds = p * (dpij - delta[b, i]) * scale
+                p, ds = _p_ds(q, k, v, do, lse, delta, scale, b, i, j)
                 for d in range(D):
                     dv[b, j, d] += p * do[b, i, d]
                     dk[b, j, d] += ds * q[b, i, d]
@@ -185,8 +181,8 @@ def flash_forward(q, k, v, scale: float, causal: bool = True, tile: int = 64):
 def flash_backward(q, k, v, o, lse, do, scale: float, causal: bool = True):
     _need_numba()
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    _flash_bwd_dq(q, k, v, o, lse, do, scale, causal, dq)
     delta = np.ascontiguousarray((do * o).sum(axis=-1))      # rowsum(dO * O), once per query
+    _flash_bwd_dq(q, k, v, delta, lse, do, scale, causal, dq)
     _flash_bwd_dkv(q, k, v, delta, lse, do, scale, causal, dk, dv)
     return dq, dk, dv
 

@@ -11,7 +11,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .. import backend
-from ..tensor import Tensor, get_default_dtype
+from ..tensor import Tensor
 
 
 class Parameter(Tensor):
@@ -250,7 +250,3 @@ class Module:
             sub = repr(m).replace("\n", "\n  ")
             lines.append(f"  ({n}): {sub}")
         return lines[0] + ")" if len(lines) == 1 else "\n".join(lines) + "\n)"
-
-
-def default_float():
-    return get_default_dtype()
