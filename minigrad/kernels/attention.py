@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import backend
 from ._numba import HAVE_NUMBA, numba
+from . import cpu as _cpu
 
 # --------------------------------------------------------------------------- reference
 
@@ -194,8 +195,16 @@ def _need_numba():
 
 
 # --------------------------------------------------------------------------- blocked (BLAS + fused rows)
+def _compiled_rows(s) -> bool:
+    """float32 NumPy scores go through the compiled row loops of ``kernels.cpu``."""
+    return _cpu.HAVE_NUMBA and isinstance(s, np.ndarray) and s.dtype == np.float32
+
+
 def _softmax_rows(s, scale, row0, causal, lse):
     """s (BH, R, S): raw scores of query rows row0.. -> probabilities, in place; lse (BH, R) out."""
+    if _compiled_rows(s):
+        _cpu.softmax_rows_fwd(s, np.float32(scale), row0, causal, lse)
+        return
     xp = backend.get_array_module(s)
     s *= scale
     if causal:
@@ -210,6 +219,9 @@ def _softmax_rows(s, scale, row0, causal, lse):
 
 def _softmax_grad_rows(s, dp, lse, delta, scale, row0, causal):
     """s: raw scores -> P in place; dp: dO V^T -> dS (times scale) in place."""
+    if _compiled_rows(s) and dp.dtype == np.float32:
+        _cpu.softmax_rows_bwd(s, dp, lse, delta, np.float32(scale), row0, causal)
+        return
     xp = backend.get_array_module(s)
     s *= scale
     if causal:

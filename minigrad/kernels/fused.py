@@ -12,14 +12,33 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function
+from . import cpu
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
+def _compiled(*arrays) -> bool:
+    """True when the compiled CPU loops of ``kernels.cpu`` can take these arrays."""
+    return cpu.HAVE_NUMBA and all(isinstance(a, np.ndarray) for a in arrays)
+
+
 class GeluTanh(Function):
-    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    float32 NumPy arrays go through one compiled loop each way (``cpu.gelu_tanh_fwd`` /
+    ``_bwd``, with a rational tanh good to a few ulp) that saves only ``x``; float64 and
+    CuPy arrays through the array code below, which also saves ``tanh(...)``.
+    """
 
     def forward(self, x):
+        if x.dtype == np.float32 and _compiled(x):
+            self.compiled = True
+            xc = np.ascontiguousarray(x)
+            y = np.empty_like(xc)
+            cpu.gelu_tanh_fwd(xc.reshape(-1), y.reshape(-1))
+            self.save_for_backward(xc, None)
+            return y
+        self.compiled = False
         xp = backend.get_array_module(x)
         x2 = x * x
         t = xp.tanh(x * (_GELU_C + (_GELU_C * 0.044715) * x2))
@@ -31,6 +50,11 @@ class GeluTanh(Function):
 
     def backward(self, gy):
         x, t = self.saved
+        if self.compiled:
+            gy = np.ascontiguousarray(gy, dtype=x.dtype)
+            gx = np.empty_like(x)
+            cpu.gelu_tanh_bwd(x.reshape(-1), gy.reshape(-1), gx.reshape(-1))
+            return gx
         # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
         x2 = x * x
         inner = _GELU_C + (3 * _GELU_C * 0.044715) * x2
@@ -67,12 +91,21 @@ class GeluExact(Function):
 
 
 class LayerNorm(Function):
-    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis.
+
+    NumPy arrays (float32 or float64) go through compiled row loops (``cpu.layer_norm_fwd``
+    / ``_bwd``: statistics in float64, the input and two numbers per row saved); CuPy
+    arrays, or no Numba, through the array code, which saves the normalised input.
+    """
 
     def __init__(self, eps: float = 1e-5):
         self.eps = eps
 
     def forward(self, x, weight=None, bias=None):
+        self.has_w, self.has_b = weight is not None, bias is not None
+        if x.dtype in (np.float32, np.float64) and _compiled(x, weight, bias):
+            return self._forward_compiled(x, weight, bias)
+        self.compiled = False
         xp = backend.get_array_module(x)
         mu = x.mean(axis=-1, keepdims=True)
         xc = x - mu
@@ -88,12 +121,42 @@ class LayerNorm(Function):
             y += bias
         return y
 
+    def _forward_compiled(self, x, weight, bias):
+        self.compiled = True
+        C = x.shape[-1]
+        x2 = np.ascontiguousarray(x.reshape(-1, C))
+        w = np.ones(C, x.dtype) if weight is None else np.ascontiguousarray(weight, dtype=x.dtype)
+        b = np.zeros(C, x.dtype) if bias is None else np.ascontiguousarray(bias, dtype=x.dtype)
+        y = np.empty_like(x2)
+        mean = np.empty(x2.shape[0], np.float64)
+        rstd = np.empty(x2.shape[0], np.float64)
+        cpu.layer_norm_fwd(x2, w, b, self.eps, y, mean, rstd)
+        self.save_for_backward(x2, w, mean, rstd)
+        return y.reshape(x.shape)
+
+    def _grads(self, gx, gw, gb):
+        grads = (gx,)
+        if self.has_w:
+            grads += (gw if self.needs_input_grad[1] else None,)
+        if self.has_b:
+            grads += (gb if self.needs_input_grad[-1] else None,)
+        return grads if len(grads) > 1 else grads[0]
+
     def backward(self, gy):
+        if self.compiled:
+            x2, w, mean, rstd = self.saved
+            C = x2.shape[1]
+            g2 = np.ascontiguousarray(gy.reshape(-1, C), dtype=x2.dtype)
+            gx = np.empty_like(x2)
+            gw = np.zeros(C, np.float64)
+            gb = np.zeros(C, np.float64)
+            cpu.layer_norm_bwd(x2, w, mean, rstd, g2, gx, gw, gb)
+            gx = gx.reshape(gy.shape) if self.needs_input_grad[0] else None
+            return self._grads(gx, gw.astype(x2.dtype), gb.astype(x2.dtype))
         xhat, rstd, w = self.saved
-        C = xhat.shape[-1]
         lead = tuple(range(gy.ndim - 1))
-        gw = (gy * xhat).sum(axis=lead) if len(self.needs_input_grad) > 1 and self.needs_input_grad[1] else None
-        gb = gy.sum(axis=lead) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
+        gw = (gy * xhat).sum(axis=lead) if self.has_w and self.needs_input_grad[1] else None
+        gb = gy.sum(axis=lead) if self.has_b and self.needs_input_grad[-1] else None
         gx = None
         if self.needs_input_grad[0]:
             g = gy * w if w is not None else gy
@@ -103,12 +166,7 @@ class LayerNorm(Function):
             gx = g - m1
             gx -= xhat * m2
             gx *= rstd
-        grads = (gx,)
-        if len(self.needs_input_grad) > 1:
-            grads += (gw,)
-        if len(self.needs_input_grad) > 2:
-            grads += (gb,)
-        return grads if len(grads) > 1 else grads[0]
+        return self._grads(gx, gw, gb)
 
 
 class SoftmaxCrossEntropy(Function):

@@ -1,0 +1,224 @@
+"""Compiled CPU loops for the fused nodes (GELU, LayerNorm) and the attention softmax.
+
+Why loops: NumPy evaluates ``0.5 * x * (1 + tanh(c * (x + a x^3)))`` as ~8 passes over
+memory with a temporary array each; one loop reads ``x`` once and writes ``y`` once.
+
+Why these loops are fast: LLVM turns a simple loop into SIMD code (8 float32 lanes with
+AVX2, 16 with AVX-512) if nothing in the body blocks it. Two things do in Numba:
+
+* a division under Numba's default ``error_model="python"`` (it must be able to raise
+  ZeroDivisionError, a branch per element). ``error_model="numpy"`` gives IEEE results
+  (inf/nan) instead and the loop vectorizes;
+* a call into the C math library (``math.tanh``, ``math.exp``): one scalar call per
+  element, 10-50x slower than NumPy's own SIMD ``np.tanh``. So ``exp`` is written here as
+  arithmetic that LLVM can vectorize (``_exp32``), and ``tanh`` is built on it.
+
+Why serial: the loops run on one thread. A parallel Numba loop next to OpenBLAS's thread
+pool made the matrix products around it up to 2x slower (both pools spin-wait for work on
+the same cores); a vectorized serial loop is already faster than the library it replaces.
+
+``fastmath`` is given as a set of flags without ``nnan``/``ninf``: the compiler may
+reorder sums and contract multiply-adds, but it may not assume that NaN and inf never
+occur, so a NaN still propagates to the loss, where the trainer catches it.
+
+Every kernel has an array-code twin (the ``xp`` path in ``fused.py`` and
+``attention.py``) that runs on CuPy, without Numba, and on float64 (``_exp32`` is a
+float32 function); ``tests/test_kernels_cpu.py`` holds the two equal to float32 accuracy.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._numba import HAVE_NUMBA, numba
+
+# No nnan/ninf: see the module docstring.
+FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
+
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_A = 0.044715
+
+# --------------------------------------------------------------------------- exp
+# exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2; exp(r) by its Taylor series
+# to r^7 (truncation error below 6e-9 relative, under float32's 6e-8 rounding); 2^n built
+# directly in the exponent bits of a float32. ln 2 is split into a part exact in float32
+# and a remainder, so that x - n ln 2 loses nothing for large n (Cody and Waite's method).
+EXP_HI = 88.0                    # above: inf (float32 max is 3.4e38 ~ e^88.7)
+EXP_LO = -87.0                   # below: 0 (keeps 2^n a normal number; e^-87 ~ 1.6e-38)
+LN2_HI = 0.693145751953125       # ln 2 rounded to 16 significant bits: n * LN2_HI is exact
+LN2_LO = 1.428606820309417e-06   # ln 2 - LN2_HI
+
+
+if HAVE_NUMBA:
+    _JIT = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+    _f = np.float32
+    _GC = np.float32(GELU_C)
+    _GC3 = np.float32(GELU_C * GELU_A)
+    _GD3 = np.float32(3.0 * GELU_C * GELU_A)
+
+    from llvmlite import ir as _ir
+    from numba.core import types as _types
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _bits_to_f32(typingctx, bits):
+        """Reinterpret an int32's bits as a float32 (an LLVM bitcast: free, vectorizable)."""
+        if bits != _types.int32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _ir.FloatType())
+        return _types.float32(_types.int32), codegen
+
+    _LOG2E = np.float32(1.0 / math.log(2.0))
+    _LN2_HI, _LN2_LO = np.float32(LN2_HI), np.float32(LN2_LO)
+    _EXP_HI, _EXP_LO = np.float32(EXP_HI), np.float32(EXP_LO)
+    _C = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
+
+    @numba.njit(inline="always", **_JIT)
+    def _exp32(x):
+        xc = min(max(x, _EXP_LO), _EXP_HI)
+        n = np.int32(math.floor(xc * _LOG2E + _f(0.5)))
+        nf = _f(n)
+        r = (xc - nf * _LN2_HI) - nf * _LN2_LO
+        p = ((((((_C[7] * r + _C[6]) * r + _C[5]) * r + _C[4]) * r + _C[3]) * r + _C[2]) * r
+             + _C[1]) * r + _C[0]
+        e = p * _bits_to_f32(np.int32((n + np.int32(127)) << np.int32(23)))
+        if x < _EXP_LO:
+            e = _f(0.0)
+        elif x > _EXP_HI:
+            e = _f(np.inf)
+        return e if x == x else x                     # NaN in, NaN out
+
+    @numba.njit(**_JIT)
+    def exp32(x, y):
+        """y = exp(x) over flat float32 arrays (for tests; the kernels inline _exp32)."""
+        for i in range(x.size):
+            y[i] = _exp32(x[i])
+
+    @numba.njit(inline="always", **_JIT)
+    def _one_minus_abs_tanh(u):
+        """1 - |tanh(u)| = 2 / (1 + exp(2|u|)): exact to a few ulp even where tanh ~ +-1."""
+        return _f(2.0) / (_f(1.0) + _exp32(_f(2.0) * abs(u)))
+
+    @numba.njit(**_JIT)
+    def gelu_tanh_fwd(x, y):
+        """y = 0.5 x (1 + tanh(c (x + a x^3))) over flat float32 arrays.
+
+        1 + tanh(u) is formed as 2 - em (u >= 0) or em (u < 0), em = 1 - |tanh u|, so the
+        output keeps its relative accuracy where it goes to 0 (large negative x).
+        """
+        for i in range(x.size):
+            v = x[i]
+            u = v * (_GC + _GC3 * v * v)
+            em = _one_minus_abs_tanh(u)
+            one_plus_t = _f(2.0) - em if u >= 0 else em
+            y[i] = _f(0.5) * v * one_plus_t
+
+    @numba.njit(**_JIT)
+    def gelu_tanh_bwd(x, gy, gx):
+        """gx = gy * d/dx gelu(x), tanh recomputed from x (nothing else is saved).
+
+        d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), with 1 - t^2 = em (2 - em).
+        """
+        for i in range(x.size):
+            v = x[i]
+            v2 = v * v
+            u = v * (_GC + _GC3 * v2)
+            em = _one_minus_abs_tanh(u)
+            one_plus_t = _f(2.0) - em if u >= 0 else em
+            sech2 = em * (_f(2.0) - em)
+            d = _f(0.5) * one_plus_t + _f(0.5) * v * sech2 * (_GC + _GD3 * v2)
+            gx[i] = gy[i] * d
+
+    @numba.njit(**_JIT)
+    def layer_norm_fwd(x, w, b, eps, y, mean, rstd):
+        """Rows of x (N, C) -> y; row statistics in float64, mean/rstd (N,) float64 out."""
+        N, C = x.shape
+        for i in range(N):
+            s = 0.0
+            for j in range(C):
+                s += x[i, j]
+            mu = s / C
+            s2 = 0.0
+            for j in range(C):
+                d = x[i, j] - mu
+                s2 += d * d
+            r = 1.0 / np.sqrt(s2 / C + eps)
+            mean[i] = mu
+            rstd[i] = r
+            for j in range(C):
+                y[i, j] = (x[i, j] - mu) * r * w[j] + b[j]
+
+    @numba.njit(**_JIT)
+    def layer_norm_bwd(x, w, mean, rstd, gy, gx, gw, gb):
+        """gx (N, C) written; gw, gb (C,) float64 accumulated (zeroed by the caller)."""
+        N, C = x.shape
+        for i in range(N):
+            mu = mean[i]
+            r = rstd[i]
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(C):
+                xh = (x[i, j] - mu) * r
+                g = gy[i, j] * w[j]
+                s1 += g
+                s2 += g * xh
+                gw[j] += gy[i, j] * xh
+                gb[j] += gy[i, j]
+            m1 = s1 / C
+            m2 = s2 / C
+            for j in range(C):
+                xh = (x[i, j] - mu) * r
+                gx[i, j] = (gy[i, j] * w[j] - m1 - xh * m2) * r
+
+    # ----------------------------------------------------------------------- softmax rows
+    # A max-reduction vectorizes only if the compiler may assume no NaN ("nnan"); this one
+    # helper gets that flag. A NaN score still reaches the output: _exp32 passes it through.
+    @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH | {"nnan"})
+    def _row_max(s, b, r, n):
+        m = s[b, r, 0]
+        for j in range(1, n):
+            m = max(m, s[b, r, j])
+        return m
+
+    @numba.njit(**_JIT)
+    def softmax_rows_fwd(s, scale, row0, causal, lse):
+        """s (BH, R, S) raw scores of query rows row0.. -> probabilities in place; lse (BH, R).
+
+        Causal: row row0 + r sees keys 0 .. row0 + r; the rest is set to 0 and never exp'd.
+        """
+        BH, R, S = s.shape
+        for b in range(BH):
+            for r in range(R):
+                n = min(S, row0 + r + 1) if causal else S
+                m = _row_max(s, b, r, n) * scale
+                tot = _f(0.0)
+                for j in range(n):
+                    e = _exp32(s[b, r, j] * scale - m)
+                    s[b, r, j] = e
+                    tot += e
+                inv = _f(1.0) / tot
+                for j in range(n):
+                    s[b, r, j] *= inv
+                for j in range(n, S):
+                    s[b, r, j] = _f(0.0)
+                lse[b, r] = m + math.log(tot)
+
+    @numba.njit(**_JIT)
+    def softmax_rows_bwd(s, dp, lse, delta, scale, row0, causal):
+        """s: raw scores -> P = exp(s scale - lse) in place; dp = dO V^T -> dS scale in place."""
+        BH, R, S = s.shape
+        for b in range(BH):
+            for r in range(R):
+                n = min(S, row0 + r + 1) if causal else S
+                l = lse[b, r]
+                dl = delta[b, r]
+                for j in range(n):
+                    p = _exp32(s[b, r, j] * scale - l)
+                    s[b, r, j] = p
+                    dp[b, r, j] = p * (dp[b, r, j] - dl) * scale
+                for j in range(n, S):
+                    s[b, r, j] = _f(0.0)
+                    dp[b, r, j] = _f(0.0)
