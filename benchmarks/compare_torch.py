@@ -14,8 +14,10 @@ What is measured, and how:
   groups of ``GPT.configure_optimizer``) and gradient clipping at 1.0. The first-batch
   losses must agree to 1e-4 (same weights, same work) before anything is timed. Each
   step is split into forward (incl. the loss), backward (incl. zero_grad) and optimizer
-  (clip + step). The machines are shared and noisy, so the two frameworks alternate
-  step by step (A B, B A, A B, ...) and we report medians and their ratio.
+  (clip + step). The machines are shared and noisy, so the two frameworks take turns in
+  blocks of 5 steps (who goes first alternates), the first step of each block is not
+  timed (the other framework's thread pool may still be spinning), and we report medians
+  and their ratio.
 * **MFU.** Model FLOPs per token ``6 N + 12 L C T`` (PaLM appendix B: 6N + 12 L H Q T
   with H Q = C; N = non-embedding parameters, i.e. without wpe, the tied wte/lm_head
   counted once; T = block size; the attention term counts the full, non-causal T x T
@@ -86,7 +88,7 @@ CONFIGS = {
     # nanoGPT's shakespeare_char "baby GPT"
     "baby-GPT": dict(batch=8, block_size=256, n_layer=6, n_head=6, n_embd=384),
 }
-DEFAULT_STEPS = {"nanoGPT-CPU": 30, "baby-GPT": 15}   # timed steps of a full run (a baby-GPT step takes seconds)
+DEFAULT_STEPS = {"nanoGPT-CPU": 60, "baby-GPT": 20}   # timed steps of a full run (a baby-GPT step takes seconds)
 LR, BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP = 1e-3, (0.9, 0.99), 1e-8, 0.1, 1.0
 LOSS_TOL = 1e-4
 ATTN_HEADS, ATTN_HS = 4, 64

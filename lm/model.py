@@ -14,7 +14,7 @@ import numpy as np
 
 import minigrad as mg
 from minigrad import backend, functional as F, nn, ops
-from minigrad.kernels.attention import attention as fused_attention, decode_attention
+from minigrad.kernels.attention import attention as fused_attention, attention_qkv, decode_attention
 from minigrad.checkpoint import checkpoint
 from minigrad.nn.reversible import reversible_sequence
 from minigrad.tensor import Tensor, is_grad_enabled, no_grad
@@ -81,7 +81,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = ops.split(self.c_attn(x), 3, axis=2)                  # 3 x (B, T, C)
+        qkv = self.c_attn(x)                                             # (B, T, 3C)
+        if cache is None and self.attention != "naive" and not (self.training and self.attn_dropout > 0):
+            # the steps below (split, heads forward, attention, heads back) as one node
+            # that reads q, k, v in place: same numbers, no copies (kernels.attention)
+            return self.resid_dropout(self.c_proj(attention_qkv(qkv, nh, impl=self.attention)))
+        q, k, v = ops.split(qkv, 3, axis=2)                              # 3 x (B, T, C)
         q = q.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                # (B, nh, T, hs)
         k = k.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                # (B, nh, T, hs)
         v = v.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                # (B, nh, T, hs)

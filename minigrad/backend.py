@@ -162,8 +162,22 @@ def scatter_add(target, index, values) -> None:
     if is_cupy_array(target):
         import cupyx  # part of the cupy package
         cupyx.scatter_add(target, index, values)
+    elif _rows_kernel_fits(target, index, values):
+        # embedding gradients: whole rows picked by one integer array, one compiled loop
+        from .kernels import cpu
+        C = target.shape[1]
+        cpu.scatter_add_rows(target, np.ascontiguousarray(index.reshape(-1)),
+                             np.ascontiguousarray(values.reshape(-1, C), dtype=target.dtype))
     else:
         np.add.at(target, index, values)
+
+
+def _rows_kernel_fits(target, index, values) -> bool:
+    from .kernels import cpu
+    return (cpu.HAVE_NUMBA and isinstance(index, np.ndarray) and index.dtype.kind in "iu"
+            and isinstance(target, np.ndarray) and target.ndim == 2 and target.flags.c_contiguous
+            and target.dtype in (np.float32, np.float64) and isinstance(values, np.ndarray)
+            and values.dtype == target.dtype and values.shape == index.shape + target.shape[1:])
 
 
 _np_erf = None

@@ -106,3 +106,51 @@ def test_keep_freed_memory_applies_on_linux_and_never_raises():
         import platform
         if platform.libc_ver()[0] == "glibc":
             assert ok is True
+
+
+def _split_heads_path(x, nh, impl):
+    """The step-by-step version of attention_qkv: split, heads forward, attention, heads back."""
+    from minigrad import ops
+    B, T, C3 = x.shape
+    C = C3 // 3
+    q, k, v = (t.reshape(B, T, nh, C // nh).transpose(0, 2, 1, 3) for t in ops.split(x, 3, axis=2))
+    return A.attention(q, k, v, impl=impl).transpose(0, 2, 1, 3).reshape(B, T, C)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "flash", "reference"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B,T,nh,hs", [(2, 37, 3, 8), (1, 1, 2, 4), (1, 70, 1, 16)])
+def test_attention_qkv_equals_split_heads(impl, dtype, B, T, nh, hs):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((B, T, 3 * nh * hs)).astype(dtype)
+    gy = rng.standard_normal((B, T, nh * hs)).astype(dtype)
+    outs = []
+    for run in (lambda t: A.attention_qkv(t, nh, impl=impl, block=16), lambda t: _split_heads_path(t, nh, "reference")):
+        t = mg.Tensor(x, requires_grad=True)
+        y = run(t)
+        y.backward(mg.Tensor(gy))
+        outs.append((y.data, t.grad.data))
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    for a, b in zip(*outs):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_attention_qkv_gradcheck_and_non_contiguous_input():
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((2, 6, 12))
+    xt = base.transpose(0, 2, 1)                                   # (2, 12, 6), strided
+    y1 = A.attention_qkv(mg.Tensor(xt), 1, impl="blocked")
+    y2 = _split_heads_path(mg.Tensor(np.ascontiguousarray(xt)), 1, "reference")
+    np.testing.assert_allclose(y1.data, y2.data, rtol=1e-12, atol=1e-12)
+    assert gradcheck(lambda t: A.attention_qkv(t, 2, block=4), [rng.standard_normal((1, 9, 12))])
+
+
+def test_attention_qkv_bad_shapes():
+    from minigrad.ops import ShapeError
+    with pytest.raises(ShapeError, match="3 \\* n_head"):
+        A.attention_qkv(mg.Tensor(np.zeros((1, 4, 10))), 2)
+    with pytest.raises(ShapeError, match="3 \\* n_head"):
+        A.attention_qkv(mg.Tensor(np.zeros((1, 4, 12))), 3)
+    with pytest.raises(ShapeError, match=r"\(B, T, 3C\)"):
+        A.attention_qkv(mg.Tensor(np.zeros((4, 12))), 2)

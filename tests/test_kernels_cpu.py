@@ -126,3 +126,24 @@ def test_fused_kernels_fall_back_without_numba(monkeypatch):
     assert not y.creator.compiled and not fused._compiled(x.data)
     y.sum().backward()
     assert x.grad.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scatter_add_rows_equals_add_at(dtype):
+    from minigrad import backend
+    idx = np.array([[3, 1, 3], [-1, 0, 3]])                    # repeats and a negative index
+    vals = rng.standard_normal((2, 3, 5)).astype(dtype)
+    got, want = np.zeros((6, 5), dtype), np.zeros((6, 5), dtype)
+    assert backend._rows_kernel_fits(got, idx, vals)
+    backend.scatter_add(got, idx, vals)
+    np.add.at(want, idx, vals)
+    np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == np.float32 else 1e-15)
+
+
+def test_embedding_gradient_uses_row_kernel_and_matches_one_hot():
+    w = mg.Tensor(rng.standard_normal((7, 4)), requires_grad=True)
+    idx = np.array([[0, 6, 6], [2, 0, 6]])
+    gy = rng.standard_normal((2, 3, 4))
+    F.embedding(idx, w).backward(mg.Tensor(gy))
+    onehot = np.eye(7)[idx.reshape(-1)]                          # (6, 7)
+    np.testing.assert_allclose(w.grad.data, onehot.T @ gy.reshape(-1, 4), rtol=1e-13)

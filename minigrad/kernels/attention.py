@@ -253,46 +253,57 @@ def _causal_bias(row0, R, S, dtype, xp):
     return b
 
 
-def blocked_forward(q, k, v, scale: float, causal: bool = True, block: int = 128):
+def blocked_forward(q, k, v, scale: float, causal: bool = True, block: int = 128, out=None):
+    """q (..., T, D), k and v (..., S, D), any leading axes and strides (BLAS reads strided
+    rows): -> o (..., T, D) (written into ``out`` when given) and lse (..., T)."""
     xp = backend.get_array_module(q)
-    BH, T, D = q.shape
-    S = k.shape[1]
+    T = q.shape[-2]
+    S = k.shape[-2]
     off = S - T
-    o = xp.empty_like(q)
-    lse = xp.empty((BH, T), dtype=q.dtype)
-    kt = k.transpose(0, 2, 1)
+    o = xp.empty(q.shape, dtype=q.dtype) if out is None else out
+    lse = xp.empty(q.shape[:-1], dtype=q.dtype)
+    kt = xp.swapaxes(k, -1, -2)
     for i0 in range(0, T, block):
         i1 = min(T, i0 + block)
         kend = min(S, i1 + off) if causal else S      # keys beyond the last row's position are unseen
-        s = xp.matmul(q[:, i0:i1], kt[:, :, :kend])                        # (BH, R, kend)
-        lse_blk = xp.empty((BH, i1 - i0), dtype=q.dtype)
-        _softmax_rows(s, scale, i0 + off, causal, lse_blk)
-        lse[:, i0:i1] = lse_blk
-        o[:, i0:i1] = xp.matmul(s, v[:, :kend])
+        s = xp.matmul(q[..., i0:i1, :], kt[..., :kend])                   # (..., R, kend)
+        s3 = s.reshape((-1,) + s.shape[-2:])
+        lse_blk = xp.empty(s3.shape[:2], dtype=q.dtype)
+        _softmax_rows(s3, scale, i0 + off, causal, lse_blk)
+        lse[..., i0:i1] = lse_blk.reshape(s.shape[:-1])
+        o[..., i0:i1, :] = xp.matmul(s, v[..., :kend, :])
     return o, lse
 
 
-def blocked_backward(q, k, v, o, lse, do, scale: float, causal: bool = True, block: int = 128):
+def blocked_backward(q, k, v, o, lse, do, scale: float, causal: bool = True, block: int = 128,
+                     out=None):
+    """Gradients (dq, dk, dv) for blocked_forward's inputs; ``out``: three arrays to write
+    them into (any strides, contents overwritten)."""
     xp = backend.get_array_module(q)
-    BH, T, D = q.shape
-    S = k.shape[1]
+    T = q.shape[-2]
+    S = k.shape[-2]
     off = S - T
-    delta = (do * o).sum(axis=-1)                                           # (BH, T)
-    dq = xp.empty_like(q)
-    dk = xp.zeros_like(k)
-    dv = xp.zeros_like(v)
-    kt, vt = k.transpose(0, 2, 1), v.transpose(0, 2, 1)
+    delta = (do * o).sum(axis=-1)                                           # (..., T)
+    if out is None:
+        dq, dk, dv = xp.empty(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
+    else:
+        dq, dk, dv = out
+        dk[...] = 0
+        dv[...] = 0
+    kt, vt = xp.swapaxes(k, -1, -2), xp.swapaxes(v, -1, -2)
     for i0 in range(0, T, block):
         i1 = min(T, i0 + block)
         kend = min(S, i1 + off) if causal else S
-        qb, dob = q[:, i0:i1], do[:, i0:i1]
-        s = xp.matmul(qb, kt[:, :, :kend])                                  # (BH, R, kend)
-        dp = xp.matmul(dob, vt[:, :, :kend])                                # (BH, R, kend)
-        _softmax_grad_rows(s, dp, lse[:, i0:i1], delta[:, i0:i1],
-             scale, i0 + off, causal)                                      # s -> P, dp -> dS
-        dv[:, :kend] += xp.matmul(s.transpose(0, 2, 1), dob)
-        dq[:, i0:i1] = xp.matmul(dp, k[:, :kend])
-        dk[:, :kend] += xp.matmul(dp.transpose(0, 2, 1), qb)
+        qb, dob = q[..., i0:i1, :], do[..., i0:i1, :]
+        s = xp.matmul(qb, kt[..., :kend])                                   # (..., R, kend)
+        dp = xp.matmul(dob, vt[..., :kend])                                 # (..., R, kend)
+        R = i1 - i0
+        _softmax_grad_rows(s.reshape(-1, R, kend), dp.reshape(-1, R, kend),
+                           lse[..., i0:i1].reshape(-1, R), delta[..., i0:i1].reshape(-1, R),
+                           scale, i0 + off, causal)                         # s -> P, dp -> dS
+        dv[..., :kend, :] += xp.matmul(xp.swapaxes(s, -1, -2), dob)
+        dq[..., i0:i1, :] = xp.matmul(dp, k[..., :kend, :])
+        dk[..., :kend, :] += xp.matmul(xp.swapaxes(dp, -1, -2), qb)
     return dq, dk, dv
 
 
@@ -368,3 +379,75 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, impl: str = 
         from ..ops import ShapeError
         raise ShapeError(f"attention: fewer keys ({k.shape[-2]}) than queries ({q.shape[-2]})")
     return Attention(causal, impl, block)(q, k, v)
+
+
+class QKVAttention(Function):
+    """Multi-head causal self-attention from the packed projection: (B, T, 3C) -> (B, T, C).
+
+    The same result as splitting q, k, v, moving heads forward ((B, nh, T, hs) each), running
+    ``Attention`` and moving heads back, as one node. The blocked kernel reads q, k and v as
+    strided views of the packed array and writes the output straight into the (B, T, C)
+    layout, and backward writes dq, dk, dv straight into one packed gradient: none of the
+    ten copies and reorderings of the step-by-step version. Other kernels get contiguous
+    (B * nh, T, hs) copies, as ``Attention`` gives them.
+    """
+
+    def __init__(self, n_head: int, causal: bool = True, impl: str = "auto", block: int = 128):
+        self.n_head, self.causal, self.impl, self.block = n_head, causal, impl, block
+
+    def _heads(self, packed, parts: int):
+        """(B, T, parts * C) -> `parts` strided views (B, nh, T, hs)."""
+        B, T, _ = packed.shape
+        h = packed.reshape(B, T, parts, self.n_head, -1)
+        return [h[:, :, i].transpose(0, 2, 1, 3) for i in range(parts)]
+
+    def forward(self, qkv):
+        xp = backend.get_array_module(qkv)
+        B, T, C3 = qkv.shape
+        if C3 % 3 or (C3 // 3) % self.n_head:
+            from ..ops import ShapeError
+            raise ShapeError(f"attention_qkv: last axis {C3} is not 3 * n_head ({self.n_head}) * head size")
+        qkv = xp.ascontiguousarray(qkv)
+        q, k, v = self._heads(qkv, 3)
+        self.scale = 1.0 / math.sqrt(q.shape[-1])
+        self.impl = pick_impl(self.impl, xp)
+        y = xp.empty((B, T, C3 // 3), dtype=qkv.dtype)
+        (o,) = self._heads(y, 1)
+        if self.impl == "blocked":
+            _, lse = blocked_forward(q, k, v, self.scale, self.causal, self.block, out=o)
+        else:
+            flat = [xp.ascontiguousarray(a).reshape((-1,) + a.shape[2:]) for a in (q, k, v)]
+            o3, lse = IMPLS[self.impl][0](*flat, self.scale, self.causal)
+            o[...] = o3.reshape(o.shape)
+        self.save_for_backward(qkv, y, lse)
+        return y
+
+    def backward(self, gy):
+        qkv, y, lse = self.saved
+        xp = backend.get_array_module(gy)
+        q, k, v = self._heads(qkv, 3)
+        (o,) = self._heads(y, 1)
+        (do,) = self._heads(xp.ascontiguousarray(gy), 1)
+        g = xp.empty_like(qkv)
+        dq, dk, dv = self._heads(g, 3)
+        if self.impl == "blocked":
+            blocked_backward(q, k, v, o, lse, do, self.scale, self.causal, self.block, out=(dq, dk, dv))
+        else:
+            flat = [xp.ascontiguousarray(a).reshape((-1,) + a.shape[2:]) for a in (q, k, v, o)]
+            d3 = xp.ascontiguousarray(do).reshape(flat[0].shape)
+            grads = IMPLS[self.impl][1](*flat, lse, d3, self.scale, self.causal)
+            for dst, src in zip((dq, dk, dv), grads):
+                dst[...] = src.reshape(dst.shape)
+        return g
+
+
+def attention_qkv(qkv: Tensor, n_head: int, causal: bool = True, impl: str = "auto", block: int = 128):
+    """Causal multi-head self-attention of a packed (B, T, 3C) q|k|v projection -> (B, T, C).
+
+    Equal to ``attention`` on the split heads, with the heads moved back (tests hold them
+    equal); see ``QKVAttention`` for what it saves.
+    """
+    if qkv.ndim != 3:
+        from ..ops import ShapeError
+        raise ShapeError(f"attention_qkv: expected (B, T, 3C), got shape {qkv.shape}")
+    return QKVAttention(n_head, causal, impl, block)(qkv)

@@ -222,3 +222,17 @@ if HAVE_NUMBA:
                 for j in range(n, S):
                     s[b, r, j] = _f(0.0)
                     dp[b, r, j] = _f(0.0)
+
+
+    # ----------------------------------------------------------------------- scatter-add rows
+    @numba.njit(**_JIT)
+    def scatter_add_rows(target, index, values):
+        """target[index[i]] += values[i] for a 2-D target, repeats accumulated in order
+        (the embedding gradient; ``np.add.at`` does the same one element at a time)."""
+        V, C = target.shape
+        for i in range(index.size):
+            r = index[i]
+            if r < 0:
+                r += V
+            for j in range(C):
+                target[r, j] += values[i, j]
