@@ -200,10 +200,12 @@ def _compiled_rows(s) -> bool:
     return _cpu.HAVE_NUMBA and isinstance(s, np.ndarray) and s.dtype == np.float32
 
 
-def _softmax_rows(s, scale, row0, causal, lse):
-    """s (BH, R, S): raw scores of query rows row0.. -> probabilities, in place; lse (BH, R) out."""
+def _softmax_rows(s, scale, row0, causal, lse, inv):
+    """s (BH, R, S): raw scores of query rows row0.. -> exp(s * scale - row max), in place and
+    unnormalised; inv (BH, R) = 1 / row sums and lse (BH, R) written. The caller scales the
+    (R, D) output rows by inv: cheaper than dividing the (R, S) scores."""
     if _compiled_rows(s):
-        _cpu.softmax_rows_fwd(s, np.float32(scale), row0, causal, lse)
+        _cpu.softmax_rows_fwd(s, np.float32(scale), row0, causal, lse, inv)
         return
     xp = backend.get_array_module(s)
     s *= scale
@@ -212,13 +214,14 @@ def _softmax_rows(s, scale, row0, causal, lse):
     m = s.max(axis=-1, keepdims=True)
     xp.subtract(s, m, out=s)
     xp.exp(s, out=s)
-    tot = s.sum(axis=-1, keepdims=True)
-    s /= tot
-    lse[...] = (m + xp.log(tot))[..., 0]
+    tot = s.sum(axis=-1)
+    inv[...] = 1.0 / tot
+    lse[...] = m[..., 0] + xp.log(tot)
 
 
 def _softmax_grad_rows(s, dp, lse, delta, scale, row0, causal):
-    """s: raw scores -> P in place; dp: dO V^T -> dS (times scale) in place."""
+    """s: raw scores -> P in place; dp: dO V^T -> dS (times scale) in place. Causal: row r
+    sees the tile's keys 0 .. row0 + r (row0: first row's position minus first key's)."""
     if _compiled_rows(s) and dp.dtype == np.float32:
         _cpu.softmax_rows_bwd(s, dp, lse, delta, np.float32(scale), row0, causal)
         return
@@ -269,41 +272,54 @@ def blocked_forward(q, k, v, scale: float, causal: bool = True, block: int = 128
         s = xp.matmul(q[..., i0:i1, :], kt[..., :kend])                   # (..., R, kend)
         s3 = s.reshape((-1,) + s.shape[-2:])
         lse_blk = xp.empty(s3.shape[:2], dtype=q.dtype)
-        _softmax_rows(s3, scale, i0 + off, causal, lse_blk)
+        inv = xp.empty(s3.shape[:2], dtype=q.dtype)
+        _softmax_rows(s3, scale, i0 + off, causal, lse_blk, inv)              # s -> exp, unnormalised
         lse[..., i0:i1] = lse_blk.reshape(s.shape[:-1])
-        o[..., i0:i1, :] = xp.matmul(s, v[..., :kend, :])
+        ob = xp.matmul(s, v[..., :kend, :])                                # (..., R, D)
+        ob *= inv.reshape(s.shape[:-1])[..., None]
+        o[..., i0:i1, :] = ob
     return o, lse
 
 
 def blocked_backward(q, k, v, o, lse, do, scale: float, causal: bool = True, block: int = 128,
                      out=None):
     """Gradients (dq, dk, dv) for blocked_forward's inputs; ``out``: three arrays to write
-    them into (any strides, contents overwritten)."""
+    them into (any strides, contents overwritten).
+
+    The loop runs over blocks of keys (where the forward ran over blocks of queries): for
+    key block j only the queries that may see it take part, and dk_j and dv_j come out of
+    one product each over all of them, written once; only dq accumulates across blocks.
+    """
     xp = backend.get_array_module(q)
     T = q.shape[-2]
     S = k.shape[-2]
     off = S - T
     delta = (do * o).sum(axis=-1)                                           # (..., T)
     if out is None:
-        dq, dk, dv = xp.empty(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
+        dq, dk, dv = xp.empty(q.shape, q.dtype), xp.empty(k.shape, k.dtype), xp.empty(v.shape, v.dtype)
     else:
         dq, dk, dv = out
-        dk[...] = 0
-        dv[...] = 0
-    kt, vt = xp.swapaxes(k, -1, -2), xp.swapaxes(v, -1, -2)
-    for i0 in range(0, T, block):
-        i1 = min(T, i0 + block)
-        kend = min(S, i1 + off) if causal else S
-        qb, dob = q[..., i0:i1, :], do[..., i0:i1, :]
-        s = xp.matmul(qb, kt[..., :kend])                                   # (..., R, kend)
-        dp = xp.matmul(dob, vt[..., :kend])                                 # (..., R, kend)
-        R = i1 - i0
-        _softmax_grad_rows(s.reshape(-1, R, kend), dp.reshape(-1, R, kend),
-                           lse[..., i0:i1].reshape(-1, R), delta[..., i0:i1].reshape(-1, R),
-                           scale, i0 + off, causal)                         # s -> P, dp -> dS
-        dv[..., :kend, :] += xp.matmul(xp.swapaxes(s, -1, -2), dob)
-        dq[..., i0:i1, :] = xp.matmul(dp, k[..., :kend, :])
-        dk[..., :kend, :] += xp.matmul(xp.swapaxes(dp, -1, -2), qb)
+    for j0 in range(0, S, block):
+        j1 = min(S, j0 + block)
+        r0 = max(0, j0 - off) if causal else 0          # first query that may see key j0
+        if r0 >= T:                                     # keys no query sees (S > T, causal)
+            dk[..., j0:j1, :] = 0
+            dv[..., j0:j1, :] = 0
+            continue
+        qb, dob = q[..., r0:, :], do[..., r0:, :]
+        kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
+        s = xp.matmul(qb, xp.swapaxes(kb, -1, -2))                          # (..., R, Bk)
+        dp = xp.matmul(dob, xp.swapaxes(vb, -1, -2))                        # (..., R, Bk)
+        R, Bk = T - r0, j1 - j0
+        _softmax_grad_rows(s.reshape(-1, R, Bk), dp.reshape(-1, R, Bk),
+                           lse[..., r0:].reshape(-1, R), delta[..., r0:].reshape(-1, R),
+                           scale, r0 + off - j0, causal)                    # s -> P, dp -> dS
+        dv[..., j0:j1, :] = xp.matmul(xp.swapaxes(s, -1, -2), dob)
+        dk[..., j0:j1, :] = xp.matmul(xp.swapaxes(dp, -1, -2), qb)
+        if j0 == 0:                                     # every query sees key 0: r0 == 0
+            dq[...] = xp.matmul(dp, kb)
+        else:
+            dq[..., r0:, :] += xp.matmul(dp, kb)
     return dq, dk, dv
 
 

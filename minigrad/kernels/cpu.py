@@ -184,9 +184,11 @@ if HAVE_NUMBA:
         return m
 
     @numba.njit(**_JIT)
-    def softmax_rows_fwd(s, scale, row0, causal, lse):
-        """s (BH, R, S) raw scores of query rows row0.. -> probabilities in place; lse (BH, R).
+    def softmax_rows_fwd(s, scale, row0, causal, lse, inv):
+        """s (BH, R, S) raw scores of query rows row0.. -> exp(s scale - row max) in place,
+        unnormalised; inv (BH, R) = 1 / row sum, lse (BH, R) = log-sum-exp of s scale.
 
+        The caller scales the (R, D) output rows by inv instead of the (R, S) probabilities.
         Causal: row row0 + r sees keys 0 .. row0 + r; the rest is set to 0 and never exp'd.
         """
         BH, R, S = s.shape
@@ -199,20 +201,22 @@ if HAVE_NUMBA:
                     e = _exp32(s[b, r, j] * scale - m)
                     s[b, r, j] = e
                     tot += e
-                inv = _f(1.0) / tot
-                for j in range(n):
-                    s[b, r, j] *= inv
                 for j in range(n, S):
                     s[b, r, j] = _f(0.0)
+                inv[b, r] = _f(1.0) / tot
                 lse[b, r] = m + math.log(tot)
 
     @numba.njit(**_JIT)
     def softmax_rows_bwd(s, dp, lse, delta, scale, row0, causal):
-        """s: raw scores -> P = exp(s scale - lse) in place; dp = dO V^T -> dS scale in place."""
+        """s: raw scores -> P = exp(s scale - lse) in place; dp = dO V^T -> dS scale in place.
+
+        Causal: row r sees the tile's keys 0 .. row0 + r, row0 being the position of the first
+        row counted from the tile's first key.
+        """
         BH, R, S = s.shape
         for b in range(BH):
             for r in range(R):
-                n = min(S, row0 + r + 1) if causal else S
+                n = max(0, min(S, row0 + r + 1)) if causal else S
                 l = lse[b, r]
                 dl = delta[b, r]
                 for j in range(n):
