@@ -89,6 +89,24 @@ def test_layer_norm_compiled_matches_composite_in_float64(dtype, tol):
         np.testing.assert_allclose(a, ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
+def test_layer_norm_compiled_without_weight_or_bias(affine):
+    x = rng.standard_normal((5, 7)).astype(np.float32)
+    w = mg.Tensor(rng.standard_normal(7).astype(np.float32), requires_grad=True) if affine == "weight" else None
+    b = mg.Tensor(rng.standard_normal(7).astype(np.float32), requires_grad=True) if affine == "bias" else None
+    t = mg.Tensor(x, requires_grad=True)
+    y = F.layer_norm(t, w, b)
+    assert y.creator.compiled
+    y.backward(mg.Tensor(np.ones_like(x)))
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    ref = ref * (w.data if w is not None else 1) + (b.data if b is not None else 0)
+    np.testing.assert_allclose(y.data, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(t.grad.data.sum(-1), 0, atol=1e-4)
+    if b is not None:
+        np.testing.assert_allclose(b.grad.data, np.full(7, 5.0), rtol=1e-6)
+
+
 def test_layer_norm_compiled_only_some_grads():
     x = rng.standard_normal((4, 6))
     w = mg.Tensor(rng.standard_normal(6), requires_grad=False)

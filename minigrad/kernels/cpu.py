@@ -227,7 +227,6 @@ if HAVE_NUMBA:
                     s[b, r, j] = _f(0.0)
                     dp[b, r, j] = _f(0.0)
 
-
     # ----------------------------------------------------------------------- scatter-add rows
     @numba.njit(**_JIT)
     def scatter_add_rows(target, index, values):

@@ -103,7 +103,7 @@ class LayerNorm(Function):
 
     def forward(self, x, weight=None, bias=None):
         self.has_w, self.has_b = weight is not None, bias is not None
-        if x.dtype in (np.float32, np.float64) and _compiled(x, weight, bias):
+        if x.dtype in (np.float32, np.float64) and _compiled(*(a for a in (x, weight, bias) if a is not None)):
             return self._forward_compiled(x, weight, bias)
         self.compiled = False
         xp = backend.get_array_module(x)
