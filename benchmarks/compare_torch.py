@@ -17,7 +17,9 @@ What is measured, and how:
   (clip + step). The machines are shared and noisy, so the two frameworks take turns in
   blocks of 5 steps (who goes first alternates), the first step of each block is not
   timed (the other framework's thread pool may still be spinning), and we report medians
-  and their ratio.
+  and their ratio. The load drifts over minutes, so the report adds a paired estimate: the
+  ratio of median step times within each chunk (both frameworks back to back), with its
+  spread over the chunks.
 * **MFU.** Model FLOPs per token ``6 N + 12 L C T`` (PaLM appendix B: 6N + 12 L H Q T
   with H Q = C; N = non-embedding parameters, i.e. without wpe, the tied wte/lm_head
   counted once; T = block size; the attention term counts the full, non-causal T x T
@@ -328,15 +330,20 @@ def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: i
     # their work, so a step that follows the other framework's step pays for its idle spinning.
     # Alternating single steps made PyTorch's nanoGPT-CPU step look 3x slower than run alone.
     timed = {"ours": [], "torch": []}
+    block_ratios = []   # per chunk: median ours step / median PyTorch step, both run back to back
     chunks = [data[i:i + BLOCK] for i in range(0, len(data), BLOCK)]
     for ci, chunk in enumerate(chunks):
         order = ("ours", "torch") if ci % 2 == 0 else ("torch", "ours")   # alternate who goes first
+        in_chunk = {"ours": [], "torch": []}
         for who in order:
             for j, (x, y) in enumerate(chunk):
                 r = runners[who](x, y)
                 rec[who].append(r)
                 if j > 0 and ci * BLOCK + j >= warmup:
                     timed[who].append(r)
+                    in_chunk[who].append(sum(r[:3]))
+        if in_chunk["ours"] and in_chunk["torch"]:
+            block_ratios.append(_median(in_chunk["ours"]) / _median(in_chunk["torch"]))
         t0 = time.perf_counter()
         np.matmul(a, b, out=c)
         sgemm.append(time.perf_counter() - t0)
@@ -350,7 +357,8 @@ def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: i
     out = {"config": dict(CONFIGS[name]), "n_params": n_params, "tokens_per_step": tokens, "peak_flops": peak,
            "flops_per_step": fpt * tokens, "loss_first": {"ours": l_ours, "torch": l_torch},
            "grad_norm_first": {w: rec[w][0][4] for w in rec},
-           "loss_last": {w: rec[w][-1][3] for w in rec}}
+           "loss_last": {w: rec[w][-1][3] for w in rec},
+           "block_ratios": block_ratios}
     for who, r in timed.items():
         fwd, bwd, opt_t = ([s[j] for s in r] for j in range(3))
         total = _median([a + b + c for a, b, c in zip(fwd, bwd, opt_t)])
@@ -665,6 +673,15 @@ def write_report(res: dict, out_dir: str) -> str:
                        f"{r['loss_last']['ours']:.4f} / {r['loss_last']['torch']:.4f}"])
     parts += [md_table(["config", "framework", "fwd ms", "bwd ms", "opt ms", "step ms", "tokens/s",
                         "GFLOP/s", "MFU"], rows), ""]
+    paired = []
+    for name, r in res["training"].items():
+        br = np.asarray(r.get("block_ratios") or [np.nan])
+        paired.append([name, len(br), f"{np.median(br):.2f}x", f"{np.percentile(br, 25):.2f}x - {np.percentile(br, 75):.2f}x",
+                       f"{br.min():.2f}x - {br.max():.2f}x", f"{np.mean(br <= 1.0):.0%}"])
+    parts += ["Paired estimate: the machine's load drifts over minutes, so each chunk of steps (ours and "
+              "PyTorch's back to back, a few seconds apart) gives its own ratio of median step times; "
+              "their spread shows how much of a difference is the load's.", "",
+              md_table(["config", "chunks", "median ratio", "middle half", "range", "chunks at <= 1.0x"], paired), ""]
     parts += ["Same work, checked:", "",
               md_table(["config", "N", "tokens/step", "GFLOP/step", "first loss (ours)", "first loss (PyTorch)",
                         "abs diff", "grad norm step 1 (ours / PyTorch)", "loss at last step (ours / PyTorch)"],
