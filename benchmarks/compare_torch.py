@@ -366,6 +366,8 @@ def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: i
         out[who] = {"fwd": _median(fwd), "bwd": _median(bwd), "opt": _median(opt_t), "total": total,
                     "tokens_s": tokens / total, "flops_s": flops_s, "mfu": flops_s / peak}
     out["profile"] = profile_ours(model, opt, params, data[:profile_steps]) if profile_steps else None
+    out["op_profile"] = (op_profile(model, opt, params, tm, topt, tparams, data[-min(len(data), 2 * profile_steps):])
+                         if profile_steps else None)
     return out
 
 
@@ -399,6 +401,72 @@ def profile_ours(model, opt, params, data, top: int = 14) -> list:
         rows.append({"function": where, "calls_per_step": nc / len(data), "ms_per_step": tt * 1e3 / len(data),
                      "share": tt / total})
     return rows
+
+
+OP_CATEGORIES = [
+    # (category, our Function class names, substrings of PyTorch's aten op names)
+    ("matrix products (Linear)", ("Linear",), ("aten::mm", "aten::addmm")),
+    ("attention", ("QKVAttention", "Attention"), ("scaled_dot_product",)),
+    ("GELU", ("GeluTanh", "GeluExact"), ("aten::gelu",)),
+    ("LayerNorm", ("LayerNorm",), ("native_layer_norm",)),
+    ("embedding", ("GetItem",), ("embedding",)),
+    ("loss", ("SoftmaxCrossEntropy",), ("log_softmax", "nll_loss")),
+]
+
+
+def _function_classes():
+    from minigrad.tensor import Function
+    todo, out = [Function], []
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            out.append(sub)
+            todo.append(sub)
+    return out
+
+
+def op_profile(model, opt, params, tm, topt, tparams, data) -> dict:
+    """ms per step in each op category, ours (timers around every Function's forward and
+    backward) and PyTorch's (torch.profiler self CPU time), over the same batches."""
+    ours = {}
+    originals = []
+    for cls in _function_classes():
+        for meth in ("forward", "backward"):
+            f = cls.__dict__.get(meth)
+            if f is None:
+                continue
+            originals.append((cls, meth, f))
+
+            def timed(self, *a, _f=f, _name=cls.__name__, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _f(self, *a, **kw)
+                finally:
+                    ours[_name] = ours.get(_name, 0.0) + time.perf_counter() - t0
+            setattr(cls, meth, timed)
+    try:
+        t0 = time.perf_counter()
+        for x, y in data:
+            ours_step(model, opt, params, x, y)
+        ours_total = time.perf_counter() - t0
+    finally:
+        for cls, meth, f in originals:
+            setattr(cls, meth, f)
+    from torch.profiler import ProfilerActivity, profile
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x, y in data:
+            torch_step(tm, topt, tparams, x, y)
+    torch_total = time.perf_counter() - t0
+    theirs = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    n = len(data)
+    rows = []
+    for cat, our_names, their_keys in OP_CATEGORIES:
+        o = sum(v for k, v in ours.items() if k in our_names)
+        t = sum(v for k, v in theirs.items() if any(s in k for s in their_keys))
+        rows.append({"category": cat, "ours_ms": o * 1e3 / n, "torch_ms": t * 1e3 / n})
+    rows.append({"category": "step with the profilers on", "ours_ms": ours_total * 1e3 / n,
+                 "torch_ms": torch_total * 1e3 / n})
+    return {"steps": n, "rows": rows}
 
 
 # --------------------------------------------------------------------------- matmul peak
@@ -687,6 +755,16 @@ def write_report(res: dict, out_dir: str) -> str:
                         "abs diff", "grad norm step 1 (ours / PyTorch)", "loss at last step (ours / PyTorch)"],
                        checks), ""]
     for name, r in res["training"].items():
+        if r.get("op_profile"):
+            op = r["op_profile"]
+            parts += [f"Time per op category in our {name} step and PyTorch's ({op['steps']} more steps each, "
+                      "ms per step): ours from timers around every Function's forward and backward, PyTorch's "
+                      "from torch.profiler's self CPU time of its aten ops. Both profilers add overhead, "
+                      "so the last row is slower than the step times above.", "",
+                      md_table(["op category", "minigrad ms", "PyTorch ms", "ours / PyTorch"],
+                               [[p["category"], f"{p['ours_ms']:.2f}", f"{p['torch_ms']:.2f}",
+                                 f"{p['ours_ms'] / p['torch_ms']:.2f}x" if p["torch_ms"] > 0 else "n/a"]
+                                for p in op["rows"]]), ""]
         if r.get("profile"):
             parts += [f"Where our {name} step spends its time (cProfile, own time per step; the profiler "
                       "inflates Python overhead, and a product written `a @ b` is no call of its own, so "
