@@ -26,8 +26,8 @@ class GeluTanh(Function):
     """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
     float32 NumPy arrays go through one compiled loop each way (``cpu.gelu_tanh_fwd`` /
-    ``_bwd``, with a rational tanh good to a few ulp) that saves only ``x``; float64 and
-    CuPy arrays through the array code below, which also saves ``tanh(...)``.
+    ``_bwd``, tanh built from a vectorised exp, good to a few ulp) that saves only ``x``;
+    float64 and CuPy arrays through the array code below, which also saves ``tanh(...)``.
     """
 
     def forward(self, x):
