@@ -174,10 +174,9 @@ def scatter_add(target, index, values) -> None:
 
 def _rows_kernel_fits(target, index, values) -> bool:
     from .kernels import cpu
-    return (cpu.HAVE_NUMBA and isinstance(index, np.ndarray) and index.dtype.kind in "iu"
-            and isinstance(target, np.ndarray) and target.ndim == 2 and target.flags.c_contiguous
-            and target.dtype in (np.float32, np.float64) and isinstance(values, np.ndarray)
-            and values.dtype == target.dtype and values.shape == index.shape + target.shape[1:])
+    return (cpu.accepts(target, values) and isinstance(index, np.ndarray) and index.dtype.kind in "iu"
+            and target.ndim == 2 and target.flags.c_contiguous and values.dtype == target.dtype
+            and values.shape == index.shape + target.shape[1:])
 
 
 _np_erf = None

@@ -195,9 +195,9 @@ def _need_numba():
 
 
 # --------------------------------------------------------------------------- blocked (BLAS + fused rows)
-def _compiled_rows(s) -> bool:
+def _compiled_rows(*arrays) -> bool:
     """float32 NumPy scores go through the compiled row loops of ``kernels.cpu``."""
-    return _cpu.HAVE_NUMBA and isinstance(s, np.ndarray) and s.dtype == np.float32
+    return _cpu.accepts(*arrays, dtypes=(np.float32,))
 
 
 def _softmax_rows(s, scale, row0, causal, lse, inv):
@@ -222,7 +222,7 @@ def _softmax_rows(s, scale, row0, causal, lse, inv):
 def _softmax_grad_rows(s, dp, lse, delta, scale, row0, causal):
     """s: raw scores -> P in place; dp: dO V^T -> dS (times scale) in place. Causal: row r
     sees the tile's keys 0 .. row0 + r (row0: first row's position minus first key's)."""
-    if _compiled_rows(s) and dp.dtype == np.float32:
+    if _compiled_rows(s, dp):
         _cpu.softmax_rows_bwd(s, dp, lse, delta, np.float32(scale), row0, causal)
         return
     xp = backend.get_array_module(s)
@@ -356,6 +356,33 @@ def pick_impl(impl: str, xp) -> str:
 from ..tensor import Function, Tensor  # noqa: E402  (kernels above are engine-free)
 
 
+def _flat3(xp, *arrays):
+    """Contiguous (BH, T, d) copies of (..., T, d) arrays, for the kernels that want them."""
+    return [xp.ascontiguousarray(x).reshape((-1,) + x.shape[-2:]) for x in arrays]
+
+
+def _run_forward(impl, q, k, v, scale, causal, block, out):
+    """Kernel ``impl`` on (..., T, d) arrays of any strides: the output goes into ``out``,
+    the row log-sum-exp (..., T) is returned. The blocked kernel reads the arrays in place;
+    the reference and flash kernels get contiguous (BH, T, d) copies."""
+    if impl == "blocked":
+        return blocked_forward(q, k, v, scale, causal, block, out=out)[1]
+    o3, lse = IMPLS[impl][0](*_flat3(backend.get_array_module(q), q, k, v), scale, causal)
+    out[...] = o3.reshape(out.shape)
+    return lse.reshape(q.shape[:-1])
+
+
+def _run_backward(impl, q, k, v, o, lse, do, scale, causal, block, out):
+    """Gradients of ``_run_forward`` written into the three arrays of ``out``."""
+    if impl == "blocked":
+        blocked_backward(q, k, v, o, lse, do, scale, causal, block, out=out)
+        return
+    q3, k3, v3, o3, do3 = _flat3(backend.get_array_module(q), q, k, v, o, do)
+    grads = IMPLS[impl][1](q3, k3, v3, o3, lse.reshape(q3.shape[:2]), do3, scale, causal)
+    for dst, src in zip(out, grads):
+        dst[...] = src.reshape(dst.shape)
+
+
 class Attention(Function):
     """Causal attention as one node: saves q, k, v, the output and the row log-sum-exp."""
 
@@ -364,26 +391,19 @@ class Attention(Function):
 
     def forward(self, q, k, v):
         xp = backend.get_array_module(q)
-        lead = q.shape[:-2]
-        self.lead = lead
-        q3, k3, v3 = (xp.ascontiguousarray(a.reshape((-1,) + a.shape[-2:])) for a in (q, k, v))
         self.scale = 1.0 / math.sqrt(q.shape[-1])
         self.impl = pick_impl(self.impl, xp)
-        fwd = IMPLS[self.impl][0]
-        kw = {"block": self.block} if self.impl == "blocked" else {}
-        o, lse = fwd(q3, k3, v3, self.scale, self.causal, **kw)
-        self.save_for_backward(q3, k3, v3, o, lse)
-        return o.reshape(lead + o.shape[-2:])
+        o = xp.empty(q.shape, dtype=q.dtype)
+        lse = _run_forward(self.impl, q, k, v, self.scale, self.causal, self.block, o)
+        self.save_for_backward(q, k, v, o, lse)
+        return o
 
     def backward(self, do):
-        q3, k3, v3, o, lse = self.saved
+        q, k, v, o, lse = self.saved
         xp = backend.get_array_module(do)
-        do3 = xp.ascontiguousarray(do.reshape(o.shape))
-        bwd = IMPLS[self.impl][1]
-        kw = {"block": self.block} if self.impl == "blocked" else {}
-        dq, dk, dv = bwd(q3, k3, v3, o, lse, do3, self.scale, self.causal, **kw)
-        return (dq.reshape(self.lead + dq.shape[-2:]), dk.reshape(self.lead + dk.shape[-2:]),
-                dv.reshape(self.lead + dv.shape[-2:]))
+        grads = tuple(xp.empty(a.shape, dtype=a.dtype) for a in (q, k, v))
+        _run_backward(self.impl, q, k, v, o, lse, do, self.scale, self.causal, self.block, grads)
+        return grads
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, impl: str = "auto", block: int = 128):
@@ -404,8 +424,8 @@ class QKVAttention(Function):
     ``Attention`` and moving heads back, as one node. The blocked kernel reads q, k and v as
     strided views of the packed array and writes the output straight into the (B, T, C)
     layout, and backward writes dq, dk, dv straight into one packed gradient: none of the
-    ten copies and reorderings of the step-by-step version. Other kernels get contiguous
-    (B * nh, T, hs) copies, as ``Attention`` gives them.
+    ten copies and reorderings of the step-by-step version. The reference and flash kernels
+    get contiguous (B * nh, T, hs) copies (``_run_forward``), as in ``Attention``.
     """
 
     def __init__(self, n_head: int, causal: bool = True, impl: str = "auto", block: int = 128):
@@ -429,12 +449,7 @@ class QKVAttention(Function):
         self.impl = pick_impl(self.impl, xp)
         y = xp.empty((B, T, C3 // 3), dtype=qkv.dtype)
         (o,) = self._heads(y, 1)
-        if self.impl == "blocked":
-            _, lse = blocked_forward(q, k, v, self.scale, self.causal, self.block, out=o)
-        else:
-            flat = [xp.ascontiguousarray(a).reshape((-1,) + a.shape[2:]) for a in (q, k, v)]
-            o3, lse = IMPLS[self.impl][0](*flat, self.scale, self.causal)
-            o[...] = o3.reshape(o.shape)
+        lse = _run_forward(self.impl, q, k, v, self.scale, self.causal, self.block, o)
         self.save_for_backward(qkv, y, lse)
         return y
 
@@ -445,15 +460,8 @@ class QKVAttention(Function):
         (o,) = self._heads(y, 1)
         (do,) = self._heads(xp.ascontiguousarray(gy), 1)
         g = xp.empty_like(qkv)
-        dq, dk, dv = self._heads(g, 3)
-        if self.impl == "blocked":
-            blocked_backward(q, k, v, o, lse, do, self.scale, self.causal, self.block, out=(dq, dk, dv))
-        else:
-            flat = [xp.ascontiguousarray(a).reshape((-1,) + a.shape[2:]) for a in (q, k, v, o)]
-            d3 = xp.ascontiguousarray(do).reshape(flat[0].shape)
-            grads = IMPLS[self.impl][1](*flat, lse, d3, self.scale, self.causal)
-            for dst, src in zip((dq, dk, dv), grads):
-                dst[...] = src.reshape(dst.shape)
+        _run_backward(self.impl, q, k, v, o, lse, do, self.scale, self.causal, self.block,
+                      self._heads(g, 3))
         return g
 
 

@@ -36,6 +36,12 @@ from ._numba import HAVE_NUMBA, numba
 # No nnan/ninf: see the module docstring.
 FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
 
+def accepts(*arrays, dtypes=(np.float32, np.float64)) -> bool:
+    """True when the compiled loops can take these arrays: Numba is there and each is a
+    NumPy array of one of ``dtypes`` (CuPy arrays, and runs without Numba, use array code)."""
+    return HAVE_NUMBA and all(isinstance(a, np.ndarray) and a.dtype in dtypes for a in arrays)
+
+
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
 

@@ -17,9 +17,12 @@ from . import cpu
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def _compiled(*arrays) -> bool:
-    """True when the compiled CPU loops of ``kernels.cpu`` can take these arrays."""
-    return cpu.HAVE_NUMBA and all(isinstance(a, np.ndarray) for a in arrays)
+def _half_x_one_plus(x, s):
+    """0.5 x (1 + s): GELU from s = tanh(...) or erf(...), in the buffer of 1 + s."""
+    y = 1.0 + s
+    y *= x
+    y *= 0.5
+    return y
 
 
 class GeluTanh(Function):
@@ -31,7 +34,7 @@ class GeluTanh(Function):
     """
 
     def forward(self, x):
-        if x.dtype == np.float32 and _compiled(x):
+        if cpu.accepts(x, dtypes=(np.float32,)):
             self.compiled = True
             xc = np.ascontiguousarray(x)
             y = np.empty_like(xc)
@@ -43,10 +46,7 @@ class GeluTanh(Function):
         x2 = x * x
         t = xp.tanh(x * (_GELU_C + (_GELU_C * 0.044715) * x2))
         self.save_for_backward(x, t)
-        y = 1.0 + t
-        y *= x
-        y *= 0.5
-        return y
+        return _half_x_one_plus(x, t)
 
     def backward(self, gy):
         x, t = self.saved
@@ -74,10 +74,7 @@ class GeluExact(Function):
     def forward(self, x):
         e = backend.erf(x * (1.0 / math.sqrt(2.0)))
         self.save_for_backward(x, e)
-        y = 1.0 + e
-        y *= x
-        y *= 0.5
-        return y
+        return _half_x_one_plus(x, e)
 
     def backward(self, gy):
         x, e = self.saved
@@ -103,7 +100,7 @@ class LayerNorm(Function):
 
     def forward(self, x, weight=None, bias=None):
         self.has_w, self.has_b = weight is not None, bias is not None
-        if x.dtype in (np.float32, np.float64) and _compiled(*(a for a in (x, weight, bias) if a is not None)):
+        if cpu.accepts(*(a for a in (x, weight, bias) if a is not None)):
             return self._forward_compiled(x, weight, bias)
         self.compiled = False
         xp = backend.get_array_module(x)
