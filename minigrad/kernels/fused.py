@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function
-from . import cpu
+from . import cpu, pooled
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 
@@ -38,7 +38,7 @@ class GeluTanh(Function):
             self.compiled = True
             xc = np.ascontiguousarray(x)
             y = np.empty_like(xc)
-            cpu.gelu_tanh_fwd(xc.reshape(-1), y.reshape(-1))
+            pooled.gelu_tanh_fwd(xc.reshape(-1), y.reshape(-1))
             self.save_for_backward(xc, None)
             return y
         self.compiled = False
@@ -53,7 +53,7 @@ class GeluTanh(Function):
         if self.compiled:
             gy = np.ascontiguousarray(gy, dtype=x.dtype)
             gx = np.empty_like(x)
-            cpu.gelu_tanh_bwd(x.reshape(-1), gy.reshape(-1), gx.reshape(-1))
+            pooled.gelu_tanh_bwd(x.reshape(-1), gy.reshape(-1), gx.reshape(-1))
             return gx
         # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
         x2 = x * x
@@ -127,7 +127,7 @@ class LayerNorm(Function):
         y = np.empty_like(x2)
         mean = np.empty(x2.shape[0], np.float64)
         rstd = np.empty(x2.shape[0], np.float64)
-        cpu.layer_norm_fwd(x2, w, b, self.eps, y, mean, rstd)
+        pooled.layer_norm_fwd(x2, w, b, self.eps, y, mean, rstd)
         self.save_for_backward(x2, w, mean, rstd)
         return y.reshape(x.shape)
 
@@ -145,9 +145,7 @@ class LayerNorm(Function):
             C = x2.shape[1]
             g2 = np.ascontiguousarray(gy.reshape(-1, C), dtype=x2.dtype)
             gx = np.empty_like(x2)
-            gw = np.zeros(C, np.float64)
-            gb = np.zeros(C, np.float64)
-            cpu.layer_norm_bwd(x2, w, mean, rstd, g2, gx, gw, gb)
+            gw, gb = pooled.layer_norm_bwd(x2, w, mean, rstd, g2, gx)
             gx = gx.reshape(gy.shape) if self.needs_input_grad[0] else None
             return self._grads(gx, gw.astype(x2.dtype), gb.astype(x2.dtype))
         xhat, rstd, w = self.saved
