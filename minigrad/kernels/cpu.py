@@ -260,3 +260,20 @@ if HAVE_NUMBA:
                 r += V
             for j in range(C):
                 target[r, j] += values[i, j]
+
+    # ----------------------------------------------------------------------- AdamW update
+    # No fastmath here: the same operation order as the optimizer's array code, so the two
+    # agree to rounding (tests/test_optim.py holds them together).
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
+    def adam_step(p, g, m, v, lr, b1, b2, eps, bc1, bc2_sqrt, decay):
+        """One AdamW update of flat arrays p, m, v in place: one pass over memory instead of
+        ~8 array operations with a temporary each."""
+        for i in range(p.size):
+            gi = g[i]
+            if decay != 0.0:
+                p[i] *= 1.0 - decay
+            mi = m[i] * b1 + (1.0 - b1) * gi
+            vi = v[i] * b2 + (1.0 - b2) * (gi * gi)
+            m[i] = mi
+            v[i] = vi
+            p[i] -= (lr / bc1) * (mi / (np.sqrt(vi) / bc2_sqrt + eps))

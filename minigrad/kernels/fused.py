@@ -197,22 +197,7 @@ class SoftmaxCrossEntropy(Function):
 
 
 # --------------------------------------------------------------------------- AdamW step
-from ._numba import HAVE_NUMBA, numba  # noqa: E402
-
-if HAVE_NUMBA:
-    @numba.njit(cache=True, error_model="numpy")
-    def _adam_step(p, g, m, v, lr, b1, b2, eps, bc1, bc2_sqrt, decay):
-        # one pass over the flat arrays instead of ~8 array operations with temporaries;
-        # same operation order as the array code, so results agree to rounding
-        for i in range(p.size):
-            gi = g[i]
-            if decay != 0.0:
-                p[i] *= 1.0 - decay
-            mi = m[i] * b1 + (1.0 - b1) * gi
-            vi = v[i] * b2 + (1.0 - b2) * (gi * gi)
-            m[i] = mi
-            v[i] = vi
-            p[i] -= (lr / bc1) * (mi / (np.sqrt(vi) / bc2_sqrt + eps))
+from ._numba import HAVE_NUMBA  # noqa: E402
 
 
 def adam_step_inplace(p, g, m, v, lr, b1, b2, eps, step, decay) -> bool:
@@ -224,6 +209,6 @@ def adam_step_inplace(p, g, m, v, lr, b1, b2, eps, step, decay) -> bool:
         return False
     bc1 = 1.0 - b1 ** step
     bc2_sqrt = math.sqrt(1.0 - b2 ** step)
-    _adam_step(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, b1, b2, eps, bc1,
-               bc2_sqrt, decay)
+    pooled.adam_step(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, b1, b2, eps,
+                     bc1, bc2_sqrt, decay)
     return True

@@ -27,84 +27,104 @@ MIN_ITEMS = 1 << 15
 
 _jobs = None
 
+if HAVE_NUMBA:
+    from llvmlite import ir as _ir
+    from numba.core import types as _t
+    from numba.extending import intrinsic as _intrinsic
 
-def _build():
-    """Compile the C entry points on first use (cached on disk like every kernel)."""
-    from llvmlite import ir
-    from numba.core import types
-    from numba.extending import intrinsic
-
-    @intrinsic
+    @_intrinsic
     def _record(typingctx, p):
         """void* -> int64*: the record a pool thread was handed."""
-        if not isinstance(p, types.RawPointer):
+        if not isinstance(p, _t.RawPointer):
             return None
 
         def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.IntType(64).as_pointer())
-        return types.CPointer(types.int64)(p), codegen
+            return builder.bitcast(args[0], _ir.IntType(64).as_pointer())
+        return _t.CPointer(_t.int64)(p), codegen
 
-    def _ptr_of(nbtype):
-        @intrinsic
-        def _ptr(typingctx, addr):
+    def _typed_pointer(nbtype):
+        @_intrinsic
+        def ptr(typingctx, addr):
             """int64 address -> typed pointer, for numba.carray."""
-            if addr != types.int64:
+            if addr != _t.int64:
                 return None
 
             def codegen(context, builder, sig, args):
                 return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-            return types.CPointer(nbtype)(addr), codegen
-        return _ptr
+            return _t.CPointer(nbtype)(addr), codegen
+        return ptr
 
-    @intrinsic
+    _f32p, _f64p = _typed_pointer(_t.float32), _typed_pointer(_t.float64)
+
+    @_intrinsic
     def _f64(typingctx, bits):
         """int64 bits -> float64 (a bitcast)."""
-        if bits != types.int64:
+        if bits != _t.int64:
             return None
 
         def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.DoubleType())
-        return types.float64(types.int64), codegen
+            return builder.bitcast(args[0], _ir.DoubleType())
+        return _t.float64(_t.int64), codegen
 
-    f32p, f64p = _ptr_of(types.float32), _ptr_of(types.float64)
-    carray = numba.carray
-    sig = types.void(types.voidptr)
-    jobs = {}
+    _carray = numba.carray
 
-    @numba.cfunc(sig, cache=True, nogil=True)
-    def gelu_fwd(p):
-        r = carray(_record(p), 3)                       # x, y, n
+    # The C entry points, as plain functions here and compiled by _build() on first use
+    # (module-level functions, so Numba's disk cache finds them again next time). A record
+    # is a row of int64: addresses, sizes, floats as their bits; itemsize 4 or 8 picks the
+    # float32 or float64 kernel.
+    def _gelu_fwd(p):
+        r = _carray(_record(p), 3)                                 # x, y, n
         n = r[2]
-        cpu.gelu_tanh_fwd(carray(f32p(r[0]), n), carray(f32p(r[1]), n))
-    jobs["gelu_fwd"] = gelu_fwd
+        cpu.gelu_tanh_fwd(_carray(_f32p(r[0]), n), _carray(_f32p(r[1]), n))
 
-    @numba.cfunc(sig, cache=True, nogil=True)
-    def gelu_bwd(p):
-        r = carray(_record(p), 4)                       # x, gy, gx, n
+    def _gelu_bwd(p):
+        r = _carray(_record(p), 4)                                 # x, gy, gx, n
         n = r[3]
-        cpu.gelu_tanh_bwd(carray(f32p(r[0]), n), carray(f32p(r[1]), n), carray(f32p(r[2]), n))
-    jobs["gelu_bwd"] = gelu_bwd
+        cpu.gelu_tanh_bwd(_carray(_f32p(r[0]), n), _carray(_f32p(r[1]), n), _carray(_f32p(r[2]), n))
 
-    for name, fp in (("float32", f32p), ("float64", f64p)):
-        def make(fp):
-            @numba.cfunc(sig, cache=True, nogil=True)
-            def ln_fwd(p):
-                r = carray(_record(p), 9)               # x, w, b, y, mean, rstd, n, C, eps bits
-                n, C = r[6], r[7]
-                cpu.layer_norm_fwd(carray(fp(r[0]), (n, C)), carray(fp(r[1]), C), carray(fp(r[2]), C),
-                                   _f64(r[8]), carray(fp(r[3]), (n, C)), carray(f64p(r[4]), n),
-                                   carray(f64p(r[5]), n))
+    def _ln_fwd(p):
+        r = _carray(_record(p), 10)           # x, w, b, y, mean, rstd, n, C, eps bits, itemsize
+        n, C = r[6], r[7]
+        mean, rstd, eps = _carray(_f64p(r[4]), n), _carray(_f64p(r[5]), n), _f64(r[8])
+        if r[9] == 4:
+            cpu.layer_norm_fwd(_carray(_f32p(r[0]), (n, C)), _carray(_f32p(r[1]), C),
+                               _carray(_f32p(r[2]), C), eps, _carray(_f32p(r[3]), (n, C)), mean, rstd)
+        else:
+            cpu.layer_norm_fwd(_carray(_f64p(r[0]), (n, C)), _carray(_f64p(r[1]), C),
+                               _carray(_f64p(r[2]), C), eps, _carray(_f64p(r[3]), (n, C)), mean, rstd)
 
-            @numba.cfunc(sig, cache=True, nogil=True)
-            def ln_bwd(p):
-                r = carray(_record(p), 10)              # x, w, mean, rstd, gy, gx, gw, gb, n, C
-                n, C = r[8], r[9]
-                cpu.layer_norm_bwd(carray(fp(r[0]), (n, C)), carray(fp(r[1]), C), carray(f64p(r[2]), n),
-                                   carray(f64p(r[3]), n), carray(fp(r[4]), (n, C)), carray(fp(r[5]), (n, C)),
-                                   carray(f64p(r[6]), C), carray(f64p(r[7]), C))
-            return ln_fwd, ln_bwd
-        jobs["ln_fwd_" + name], jobs["ln_bwd_" + name] = make(fp)
-    return {k: v.address for k, v in jobs.items()} | {"_keep": jobs}
+    def _ln_bwd(p):
+        r = _carray(_record(p), 11)           # x, w, mean, rstd, gy, gx, gw, gb, n, C, itemsize
+        n, C = r[8], r[9]
+        mean, rstd = _carray(_f64p(r[2]), n), _carray(_f64p(r[3]), n)
+        gw, gb = _carray(_f64p(r[6]), C), _carray(_f64p(r[7]), C)
+        if r[10] == 4:
+            cpu.layer_norm_bwd(_carray(_f32p(r[0]), (n, C)), _carray(_f32p(r[1]), C), mean, rstd,
+                               _carray(_f32p(r[4]), (n, C)), _carray(_f32p(r[5]), (n, C)), gw, gb)
+        else:
+            cpu.layer_norm_bwd(_carray(_f64p(r[0]), (n, C)), _carray(_f64p(r[1]), C), mean, rstd,
+                               _carray(_f64p(r[4]), (n, C)), _carray(_f64p(r[5]), (n, C)), gw, gb)
+
+    def _adam(p):
+        r = _carray(_record(p), 13)           # p, g, m, v, n, lr b1 b2 eps bc1 bc2_sqrt decay, itemsize
+        n = r[4]
+        f = (_f64(r[5]), _f64(r[6]), _f64(r[7]), _f64(r[8]), _f64(r[9]), _f64(r[10]), _f64(r[11]))
+        if r[12] == 4:
+            cpu.adam_step(_carray(_f32p(r[0]), n), _carray(_f32p(r[1]), n), _carray(_f32p(r[2]), n),
+                         _carray(_f32p(r[3]), n), f[0], f[1], f[2], f[3], f[4], f[5], f[6])
+        else:
+            cpu.adam_step(_carray(_f64p(r[0]), n), _carray(_f64p(r[1]), n), _carray(_f64p(r[2]), n),
+                         _carray(_f64p(r[3]), n), f[0], f[1], f[2], f[3], f[4], f[5], f[6])
+
+
+
+def _build():
+    """Compile the C entry points (or load them from Numba's disk cache)."""
+    sig = _t.void(_t.voidptr)
+    fns = {"gelu_fwd": _gelu_fwd, "gelu_bwd": _gelu_bwd, "ln_fwd": _ln_fwd, "ln_bwd": _ln_bwd,
+           "adam": _adam}
+    compiled = {k: numba.cfunc(sig, cache=True, nogil=True)(f) for k, f in fns.items()}
+    return {k: v.address for k, v in compiled.items()} | {"_keep": compiled}
 
 
 def _addresses():
@@ -114,10 +134,12 @@ def _addresses():
     return _jobs
 
 
-def _parts(n: int, min_items_per_row: int) -> list[slice]:
-    if not HAVE_NUMBA:
+def _parts(n: int, items_per_row: int) -> list[slice]:
+    """Row chunks of at least MIN_ITEMS elements each, one per pool thread at most."""
+    min_rows = max(1, MIN_ITEMS // max(1, items_per_row))
+    if n < 2 * min_rows or not HAVE_NUMBA:        # early out: too small to split
         return [slice(0, n)]
-    return threads.row_chunks(n, max(1, MIN_ITEMS // max(1, min_items_per_row)))
+    return threads.row_chunks(n, min_rows)
 
 
 def _addr(a: np.ndarray, start: int) -> int:
@@ -161,9 +183,10 @@ def layer_norm_fwd(x, w, b, eps, y, mean, rstd):
     N, C = x.shape
     parts = _parts(N, C)
     if len(parts) < 2 or not _contig(x, w, b, y, mean, rstd) or not _run(
-            "ln_fwd_" + x.dtype.name, parts,
+            "ln_fwd", parts,
             lambda s: [_addr(x, s.start), w.ctypes.data, b.ctypes.data, _addr(y, s.start),
-                       _addr(mean, s.start), _addr(rstd, s.start), s.stop - s.start, C, _bits(eps)]):
+                       _addr(mean, s.start), _addr(rstd, s.start), s.stop - s.start, C, _bits(eps),
+                       x.itemsize]):
         cpu.layer_norm_fwd(x, w, b, eps, y, mean, rstd)
 
 
@@ -173,12 +196,24 @@ def layer_norm_bwd(x, w, mean, rstd, gy, gx):
     parts = _parts(N, C)
     gwb = np.zeros((len(parts), 2, C), np.float64)
     if len(parts) < 2 or not _contig(x, w, mean, rstd, gy, gx) or not _run(
-            "ln_bwd_" + x.dtype.name, parts,
+            "ln_bwd", parts,
             lambda s: [_addr(x, s.start), w.ctypes.data, _addr(mean, s.start), _addr(rstd, s.start),
                        _addr(gy, s.start), _addr(gx, s.start), gwb[parts.index(s), 0].ctypes.data,
-                       gwb[parts.index(s), 1].ctypes.data, s.stop - s.start, C]):
+                       gwb[parts.index(s), 1].ctypes.data, s.stop - s.start, C, x.itemsize]):
         gwb[:] = 0
         cpu.layer_norm_bwd(x, w, mean, rstd, gy, gx, gwb[0, 0], gwb[0, 1])
         return gwb[0, 0], gwb[0, 1]
     gw, gb = gwb.sum(axis=0)
     return gw, gb
+
+
+def adam_step(p, g, m, v, lr, b1, b2, eps, bc1, bc2_sqrt, decay) -> None:
+    """cpu.adam_step over flat contiguous arrays of one dtype, split over the pool."""
+    parts = _parts(p.size, 1)
+    if len(parts) >= 2:
+        floats = np.array([lr, b1, b2, eps, bc1, bc2_sqrt, decay], np.float64).view(np.int64).tolist()
+    if len(parts) < 2 or p.dtype.name not in ("float32", "float64") or not _run(
+            "adam", parts,
+            lambda s: [_addr(p, s.start), _addr(g, s.start), _addr(m, s.start), _addr(v, s.start),
+                       s.stop - s.start] + floats + [p.itemsize]):
+        cpu.adam_step(p, g, m, v, lr, b1, b2, eps, bc1, bc2_sqrt, decay)

@@ -3,9 +3,9 @@
 Why: on a CPU, two thread pools on the same cores fight. After every multi-threaded
 matrix product, OpenBLAS keeps its worker threads spinning (for ~0.1 s) in case another
 product comes. Work we hand to threads of our own - Python threads, or Numba's parallel
-loops - then shares each core with a spinning worker, and gets slower, not faster (this
-module's test and ``benchmarks/compare_torch.py`` measure it). PyTorch avoids the fight
-with one pool for everything.
+loops - then shares each core with a spinning worker, and gets slower, not faster (the
+README's speed section has the numbers). PyTorch avoids the fight with one pool for
+everything.
 
 OpenBLAS built with its own pthreads server exports ``gotoblas_pthread(n, fn, args,
 stride)``: run ``fn`` once on each of n of its threads (the caller's thread is one of them)
