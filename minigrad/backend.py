@@ -172,6 +172,31 @@ def scatter_add(target, index, values) -> None:
         np.add.at(target, index, values)
 
 
+def add_bias(y2, b) -> None:
+    """``y2 += b`` for a 2-D y2 (a Linear layer's output) and a 1-D b, in place."""
+    if _bias_kernel_fits(y2, b):
+        from .kernels import pooled
+        pooled.add_bias(y2, b)
+    else:
+        y2 += b
+
+
+def bias_grad(g2):
+    """``g2.sum(axis=0)`` for a 2-D g2, in g2's dtype (the compiled loop sums in float64)."""
+    if _bias_kernel_fits(g2):
+        from .kernels import pooled
+        return pooled.sum_rows(g2).astype(g2.dtype)
+    return g2.sum(axis=0)
+
+
+def _bias_kernel_fits(y2, b=None) -> bool:
+    from .kernels import cpu
+    arrays = (y2,) if b is None else (y2, b)
+    return (cpu.accepts(*arrays) and y2.ndim == 2 and y2.flags.c_contiguous
+            and (b is None or (b.ndim == 1 and b.dtype == y2.dtype and b.flags.c_contiguous
+                               and b.shape[0] == y2.shape[1])))
+
+
 def _rows_kernel_fits(target, index, values) -> bool:
     from .kernels import cpu
     return (cpu.accepts(target, values) and isinstance(index, np.ndarray) and index.dtype.kind in "iu"

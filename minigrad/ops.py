@@ -505,10 +505,10 @@ class Linear(Function):
             raise ShapeError(f"linear: input of shape {x.shape} does not fit weight of shape {w.shape} "
                              f"(last dimensions {x.shape[-1]} != {w.shape[-1]})")
         # one (N, in) @ (in, out) product: a 3-D @ 2-D matmul runs one BLAS call per batch row
-        y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))
+        y2 = x.reshape(-1, x.shape[-1]) @ w.T
         if b is not None:
-            y += b
-        return y
+            backend.add_bias(y2, b)
+        return y2.reshape(x.shape[:-1] + (w.shape[0],))
 
     def backward(self, gy):
         x, w = self.saved
@@ -516,7 +516,7 @@ class Linear(Function):
         gx = (g2 @ w).reshape(self.x_shape) if self.needs_input_grad[0] else None
         gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None
         if len(self.needs_input_grad) == 3:
-            gb = g2.sum(axis=0) if self.needs_input_grad[2] else None
+            gb = backend.bias_grad(g2) if self.needs_input_grad[2] else None
             return gx, gw, gb
         return gx, gw
 

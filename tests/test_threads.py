@@ -231,3 +231,21 @@ def test_fused_nodes_use_the_pooled_kernels(two_threads, small_chunks):
     y = fused.GeluTanh()(Tensor(x)).data
     ref = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
     np.testing.assert_allclose(y, ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 3), (301, 17)])
+def test_pooled_bias_add_and_row_sums(dtype, shape, two_threads, small_chunks):
+    rng = np.random.default_rng(5)
+    y0 = rng.standard_normal(shape).astype(dtype)
+    b = rng.standard_normal(shape[1]).astype(dtype)
+
+    def run():
+        y = y0.copy()
+        pooled.add_bias(y, b)
+        return y, pooled.sum_rows(y0)
+    (y1, s1), (y2, s2) = _both(run)
+    _same(y1, y0 + b)
+    _same(y1, y2)
+    np.testing.assert_allclose(s1, y0.astype(np.float64).sum(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(s1, s2, rtol=1e-12, atol=1e-12)

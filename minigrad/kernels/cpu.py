@@ -277,3 +277,21 @@ if HAVE_NUMBA:
             m[i] = mi
             v[i] = vi
             p[i] -= (lr / bc1) * (mi / (np.sqrt(vi) / bc2_sqrt + eps))
+
+    # ----------------------------------------------------------------------- bias rows
+    @numba.njit(**_JIT)
+    def add_bias_rows(y, b):
+        """y (N, C) += b (C,) in place: a Linear layer's bias."""
+        N, C = y.shape
+        for i in range(N):
+            for j in range(C):
+                y[i, j] += b[j]
+
+    @numba.njit(**_JIT)
+    def sum_rows(g, out):
+        """out (C,) float64 += the sum of g's rows (N, C): a bias gradient, accumulated in
+        float64 (NumPy's float32 ``g.sum(axis=0)`` adds row after row in float32)."""
+        N, C = g.shape
+        for i in range(N):
+            for j in range(C):
+                out[j] += g[i, j]

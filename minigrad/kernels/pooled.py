@@ -118,11 +118,28 @@ if HAVE_NUMBA:
 
 
 
+    def _bias_add(p):
+        r = _carray(_record(p), 5)                                 # y, b, n, C, itemsize
+        n, C = r[2], r[3]
+        if r[4] == 4:
+            cpu.add_bias_rows(_carray(_f32p(r[0]), (n, C)), _carray(_f32p(r[1]), C))
+        else:
+            cpu.add_bias_rows(_carray(_f64p(r[0]), (n, C)), _carray(_f64p(r[1]), C))
+
+    def _sum_rows(p):
+        r = _carray(_record(p), 5)                                 # g, out (float64), n, C, itemsize
+        n, C = r[2], r[3]
+        if r[4] == 4:
+            cpu.sum_rows(_carray(_f32p(r[0]), (n, C)), _carray(_f64p(r[1]), C))
+        else:
+            cpu.sum_rows(_carray(_f64p(r[0]), (n, C)), _carray(_f64p(r[1]), C))
+
+
 def _build():
     """Compile the C entry points (or load them from Numba's disk cache)."""
     sig = _t.void(_t.voidptr)
     fns = {"gelu_fwd": _gelu_fwd, "gelu_bwd": _gelu_bwd, "ln_fwd": _ln_fwd, "ln_bwd": _ln_bwd,
-           "adam": _adam}
+           "adam": _adam, "bias_add": _bias_add, "sum_rows": _sum_rows}
     compiled = {k: numba.cfunc(sig, cache=True, nogil=True)(f) for k, f in fns.items()}
     return {k: v.address for k, v in compiled.items()} | {"_keep": compiled}
 
@@ -217,3 +234,25 @@ def adam_step(p, g, m, v, lr, b1, b2, eps, bc1, bc2_sqrt, decay) -> None:
             lambda s: [_addr(p, s.start), _addr(g, s.start), _addr(m, s.start), _addr(v, s.start),
                        s.stop - s.start] + floats + [p.itemsize]):
         cpu.adam_step(p, g, m, v, lr, b1, b2, eps, bc1, bc2_sqrt, decay)
+
+
+def add_bias(y, b) -> None:
+    """y (N, C) += b (C,) in place, y's rows split over the pool."""
+    N, C = y.shape
+    parts = _parts(N, C)
+    if len(parts) < 2 or not _run("bias_add", parts, lambda s: [_addr(y, s.start), b.ctypes.data,
+                                                                 s.stop - s.start, C, y.itemsize]):
+        cpu.add_bias_rows(y, b)
+
+
+def sum_rows(g):
+    """The sum of g's rows (N, C) as a float64 (C,) array; one partial sum per pool thread."""
+    N, C = g.shape
+    parts = _parts(N, C)
+    out = np.zeros((len(parts), C), np.float64)
+    if len(parts) < 2 or not _run("sum_rows", parts, lambda s: [
+            _addr(g, s.start), out[parts.index(s)].ctypes.data, s.stop - s.start, C, g.itemsize]):
+        out[:] = 0
+        cpu.sum_rows(g, out[0])
+        return out[0]
+    return out.sum(axis=0)
