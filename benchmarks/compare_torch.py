@@ -96,10 +96,10 @@ LOSS_TOL = 1e-4
 ATTN_HEADS, ATTN_HS = 4, 64
 MEM_LIMIT = 2 * 1024 ** 3
 ATTN_LABELS = {
-    "blocked": "ours: blocked kernel",
+    "blocked": "ours: blocked kernel (one thread)",
     "flash": "ours: flash kernel (Numba)",
     "reference": "ours: reference kernel",
-    "node": "ours: autograd node (auto)",
+    "node": "ours: autograd node (auto: blocked, heads on the BLAS threads)",
     "composite": "ours: composite F.sdpa",
     "torch": "PyTorch SDPA",
 }
@@ -194,24 +194,17 @@ def torch_optimizer(tm):
 
 # --------------------------------------------------------------------------- helpers
 def set_threads(n: int) -> dict:
-    """Threads for PyTorch, Numba and NumPy's OpenBLAS (the last through its C API, if found)."""
+    """Threads for PyTorch, Numba and NumPy's OpenBLAS (the last through its C API, if found:
+    minigrad's kernels run on that pool, ``minigrad/kernels/threads.py``)."""
     torch.set_num_threads(n)
     import numba
+    from minigrad.kernels import threads
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    blas = False
-    import ctypes
-    with open("/proc/self/maps") as f:
-        libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
-    for path in libs:
-        lib = ctypes.CDLL(path)
-        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            if hasattr(lib, sym):
-                getattr(lib, sym)(ctypes.c_int(n))
-                blas = True
-                break
+    blas = threads.set_blas_threads(n)
+    info = threads.blas_info()
     return {"torch": torch.get_num_threads(), "numba": numba.get_num_threads(),
-            "numpy_blas": n if blas else "unchanged (not OpenBLAS?)"}
+            "numpy_blas": threads.get_blas_threads() if blas else "unchanged (not OpenBLAS?)",
+            "pool": info["pool"], "pool_note": info["note"]}
 
 
 def _median(xs):
@@ -704,7 +697,9 @@ def write_report(res: dict, out_dir: str) -> str:
              f"({env['numpy_blas']}), Numba {env['numba']}, "
              f"PyTorch {env['torch']}, minigrad {env['minigrad']} (git {env['git']}). "
              f"Threads: PyTorch {res['threads']['torch']}, "
-             f"Numba {res['threads']['numba']}, NumPy BLAS {res['threads']['numpy_blas']}. "
+             f"Numba {res['threads']['numba']}, NumPy BLAS {res['threads']['numpy_blas']}; our kernels "
+             + ("run on NumPy's OpenBLAS threads. " if res['threads'].get('pool')
+                else f"run on one thread ({res['threads'].get('pool_note', '')}). ") +
              f"Load average before/after: {res['load_before']} / {res['load_after']} (a shared machine: "
              f"ratios from interleaved runs are the numbers to read, absolute times are noisy). "
              f"Data: {res['data']}. Mode: {res['mode']}; total run time {res['wall_s']:.0f} s.", ""]
