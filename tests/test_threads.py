@@ -249,3 +249,21 @@ def test_pooled_bias_add_and_row_sums(dtype, shape, two_threads, small_chunks):
     _same(y1, y2)
     np.testing.assert_allclose(s1, y0.astype(np.float64).sum(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(s1, s2, rtol=1e-12, atol=1e-12)
+
+
+def test_pooled_falls_back_when_arrays_do_not_fit(two_threads, small_chunks):
+    """Strided or mixed-dtype arrays never go to the C entry points (they read bare
+    addresses): the serial loop takes them, with the right result."""
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((200, 40)).astype(np.float32)
+    y = base.copy()[:, ::2]                          # strided rows
+    b = rng.standard_normal(20).astype(np.float32)
+    expect = y + b
+    pooled.add_bias(y, b)
+    _same(y, expect)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    w64, b64 = np.ones(16), np.zeros(16)             # float64 weights with float32 rows
+    out, mean, rstd = np.empty_like(x), np.empty(300), np.empty(300)
+    pooled.layer_norm_fwd(x, w64, b64, 1e-5, out, mean, rstd)
+    xhat = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, xhat, rtol=1e-5, atol=1e-5)

@@ -14,10 +14,10 @@ queries are the last T of S positions (S > T when a KV cache holds the past).
   linear in S, never S^2. Runs on NumPy and CuPy alike.
 
 The blocked version is the fast path: loops compiled by Numba reach a fraction of the
-BLAS matmul throughput on these shapes, and even for the elementwise part NumPy's
-vectorised exp beat a compiled row loop (400 vs 640 ms forward + backward at T=4096, 4
-heads; a parallel Numba loop was slower still, its threads contending with BLAS's).
-Both are tested equal to the reference.
+BLAS matmul throughput on these shapes (the flash kernel's parallel loops also contend
+with BLAS's threads). Its softmax rows are compiled loops (``cpu.softmax_rows_*``), and the
+autograd nodes split the heads over OpenBLAS's own threads (``threads.parallel_for``), each
+half running its products on one thread. All are tested equal to the reference.
 """
 from __future__ import annotations
 

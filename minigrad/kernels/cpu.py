@@ -13,9 +13,10 @@ AVX2, 16 with AVX-512) if nothing in the body blocks it. Two things do in Numba:
   element, 10-50x slower than NumPy's own SIMD ``np.tanh``. So ``exp`` is written here as
   arithmetic that LLVM can vectorize (``_exp32``), and ``tanh`` is built on it.
 
-Why serial: the loops run on one thread. A parallel Numba loop next to OpenBLAS's thread
-pool made the matrix products around it up to 2x slower (both pools spin-wait for work on
-the same cores); a vectorized serial loop is already faster than the library it replaces.
+Why each loop is serial: a parallel Numba loop next to OpenBLAS's thread pool made the
+matrix products around it up to 2x slower (both pools spin-wait for work on the same
+cores). The loops are split over cores another way: ``pooled.py`` runs them in chunks on
+OpenBLAS's own threads (see ``threads.py``), each chunk one call of the serial loop.
 
 ``fastmath`` is given as a set of flags without ``nnan``/``ninf``: the compiler may
 reorder sums and contract multiply-adds, but it may not assume that NaN and inf never

@@ -164,13 +164,19 @@ def _addr(a: np.ndarray, start: int) -> int:
     return a.ctypes.data + start * (a.strides[0] if a.ndim else 0)
 
 
-def _contig(*arrays) -> bool:
-    return all(a.flags.c_contiguous for a in arrays)
+def _fit(dtypes, *arrays) -> bool:
+    """Every array C-contiguous, of one of ``dtypes`` and all of the first one's dtype: the
+    records carry bare addresses, so nothing may differ from what the C entry point reads."""
+    dt = arrays[0].dtype
+    return dt in dtypes and all(a.flags.c_contiguous and a.dtype == dt for a in arrays)
+
+
+_F32, _FLOATS = (np.float32,), (np.float32, np.float64)
 
 
 def _run(job: str, parts, fields) -> bool:
-    """One record per part: fields(s) -> list of int64 numbers for slice s."""
-    records = np.array([fields(s) for s in parts], dtype=np.int64)
+    """One record per chunk, ``fields(i, s)`` -> its int64 numbers for chunk i = slice s."""
+    records = np.array([fields(i, s) for i, s in enumerate(parts)], dtype=np.int64)
     return threads.run_c(_addresses()[job], records)
 
 
@@ -179,44 +185,46 @@ def _bits(x: float) -> int:
 
 
 # --------------------------------------------------------------------------- wrappers
+# Each: split when large and everything fits, else the serial loop on the whole arrays.
 def gelu_tanh_fwd(x, y):
-    """cpu.gelu_tanh_fwd over flat float32 arrays, split over the pool when large."""
+    """cpu.gelu_tanh_fwd over flat float32 arrays."""
     parts = _parts(x.size, 1)
-    if len(parts) < 2 or not _contig(x, y) or not _run(
-            "gelu_fwd", parts, lambda s: [_addr(x, s.start), _addr(y, s.start), s.stop - s.start]):
+    if len(parts) < 2 or not _fit(_F32, x, y) or not _run(
+            "gelu_fwd", parts, lambda i, s: [_addr(x, s.start), _addr(y, s.start), s.stop - s.start]):
         cpu.gelu_tanh_fwd(x, y)
 
 
 def gelu_tanh_bwd(x, gy, gx):
+    """cpu.gelu_tanh_bwd over flat float32 arrays."""
     parts = _parts(x.size, 1)
-    if len(parts) < 2 or not _contig(x, gy, gx) or not _run(
+    if len(parts) < 2 or not _fit(_F32, x, gy, gx) or not _run(
             "gelu_bwd", parts,
-            lambda s: [_addr(x, s.start), _addr(gy, s.start), _addr(gx, s.start), s.stop - s.start]):
+            lambda i, s: [_addr(x, s.start), _addr(gy, s.start), _addr(gx, s.start), s.stop - s.start]):
         cpu.gelu_tanh_bwd(x, gy, gx)
 
 
 def layer_norm_fwd(x, w, b, eps, y, mean, rstd):
-    """cpu.layer_norm_fwd on rows of x (N, C), split over the pool by rows."""
+    """cpu.layer_norm_fwd on rows of x (N, C); mean and rstd float64."""
     N, C = x.shape
     parts = _parts(N, C)
-    if len(parts) < 2 or not _contig(x, w, b, y, mean, rstd) or not _run(
+    if len(parts) < 2 or not (_fit(_FLOATS, x, w, b, y) and _fit((np.float64,), mean, rstd)) or not _run(
             "ln_fwd", parts,
-            lambda s: [_addr(x, s.start), w.ctypes.data, b.ctypes.data, _addr(y, s.start),
-                       _addr(mean, s.start), _addr(rstd, s.start), s.stop - s.start, C, _bits(eps),
-                       x.itemsize]):
+            lambda i, s: [_addr(x, s.start), w.ctypes.data, b.ctypes.data, _addr(y, s.start),
+                          _addr(mean, s.start), _addr(rstd, s.start), s.stop - s.start, C, _bits(eps),
+                          x.itemsize]):
         cpu.layer_norm_fwd(x, w, b, eps, y, mean, rstd)
 
 
 def layer_norm_bwd(x, w, mean, rstd, gy, gx):
-    """cpu.layer_norm_bwd by row chunks; returns gw, gb (C,) float64 (per-chunk sums added)."""
+    """cpu.layer_norm_bwd by row chunks -> gw, gb (C,) float64 (the chunks' sums added)."""
     N, C = x.shape
     parts = _parts(N, C)
     gwb = np.zeros((len(parts), 2, C), np.float64)
-    if len(parts) < 2 or not _contig(x, w, mean, rstd, gy, gx) or not _run(
+    if len(parts) < 2 or not (_fit(_FLOATS, x, w, gy, gx) and _fit((np.float64,), mean, rstd)) or not _run(
             "ln_bwd", parts,
-            lambda s: [_addr(x, s.start), w.ctypes.data, _addr(mean, s.start), _addr(rstd, s.start),
-                       _addr(gy, s.start), _addr(gx, s.start), gwb[parts.index(s), 0].ctypes.data,
-                       gwb[parts.index(s), 1].ctypes.data, s.stop - s.start, C, x.itemsize]):
+            lambda i, s: [_addr(x, s.start), w.ctypes.data, _addr(mean, s.start), _addr(rstd, s.start),
+                          _addr(gy, s.start), _addr(gx, s.start), gwb[i, 0].ctypes.data,
+                          gwb[i, 1].ctypes.data, s.stop - s.start, C, x.itemsize]):
         gwb[:] = 0
         cpu.layer_norm_bwd(x, w, mean, rstd, gy, gx, gwb[0, 0], gwb[0, 1])
         return gwb[0, 0], gwb[0, 1]
@@ -225,33 +233,35 @@ def layer_norm_bwd(x, w, mean, rstd, gy, gx):
 
 
 def adam_step(p, g, m, v, lr, b1, b2, eps, bc1, bc2_sqrt, decay) -> None:
-    """cpu.adam_step over flat contiguous arrays of one dtype, split over the pool."""
+    """cpu.adam_step over flat arrays of one dtype, p, m, v updated in place."""
     parts = _parts(p.size, 1)
     if len(parts) >= 2:
         floats = np.array([lr, b1, b2, eps, bc1, bc2_sqrt, decay], np.float64).view(np.int64).tolist()
-    if len(parts) < 2 or p.dtype.name not in ("float32", "float64") or not _run(
+    if len(parts) < 2 or not _fit(_FLOATS, p, g, m, v) or not _run(
             "adam", parts,
-            lambda s: [_addr(p, s.start), _addr(g, s.start), _addr(m, s.start), _addr(v, s.start),
-                       s.stop - s.start] + floats + [p.itemsize]):
+            lambda i, s: [_addr(p, s.start), _addr(g, s.start), _addr(m, s.start), _addr(v, s.start),
+                          s.stop - s.start] + floats + [p.itemsize]):
         cpu.adam_step(p, g, m, v, lr, b1, b2, eps, bc1, bc2_sqrt, decay)
 
 
 def add_bias(y, b) -> None:
-    """y (N, C) += b (C,) in place, y's rows split over the pool."""
+    """y (N, C) += b (C,) in place."""
     N, C = y.shape
     parts = _parts(N, C)
-    if len(parts) < 2 or not _run("bias_add", parts, lambda s: [_addr(y, s.start), b.ctypes.data,
-                                                                 s.stop - s.start, C, y.itemsize]):
+    if len(parts) < 2 or not _fit(_FLOATS, y, b) or not _run(
+            "bias_add", parts, lambda i, s: [_addr(y, s.start), b.ctypes.data, s.stop - s.start, C,
+                                             y.itemsize]):
         cpu.add_bias_rows(y, b)
 
 
 def sum_rows(g):
-    """The sum of g's rows (N, C) as a float64 (C,) array; one partial sum per pool thread."""
+    """The sum of g's rows (N, C) as a float64 (C,) array; one partial sum per chunk."""
     N, C = g.shape
     parts = _parts(N, C)
     out = np.zeros((len(parts), C), np.float64)
-    if len(parts) < 2 or not _run("sum_rows", parts, lambda s: [
-            _addr(g, s.start), out[parts.index(s)].ctypes.data, s.stop - s.start, C, g.itemsize]):
+    if len(parts) < 2 or not _fit(_FLOATS, g) or not _run(
+            "sum_rows", parts, lambda i, s: [_addr(g, s.start), out[i].ctypes.data, s.stop - s.start, C,
+                                             g.itemsize]):
         out[:] = 0
         cpu.sum_rows(g, out[0])
         return out[0]
