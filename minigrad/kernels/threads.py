@@ -33,7 +33,8 @@ import threading
 
 import numpy as np
 
-__all__ = ["parallel_for", "run_c", "row_chunks", "split", "num_workers", "enable", "blas_info", "set_blas_threads", "get_blas_threads"]
+__all__ = ["parallel_for", "run_c", "row_chunks", "split", "num_workers", "enable", "blas_info",
+           "set_blas_threads", "get_blas_threads"]
 
 _SET = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
         "openblas_set_num_threads64_", "openblas_set_num_threads")
@@ -54,6 +55,8 @@ def _candidate_paths() -> list[str]:
         shipped += sorted(os.path.realpath(p) for p in glob.glob(os.path.join(root, pattern)))
     if shipped:
         return shipped
+    if "openblas" not in _numpy_blas_name():       # MKL, Accelerate, ...: not ours to drive
+        return []
     loaded = set()
     try:
         with open("/proc/self/maps") as f:
@@ -64,6 +67,14 @@ def _candidate_paths() -> list[str]:
     except OSError:
         pass
     return sorted(loaded) if len(loaded) == 1 else []
+
+
+def _numpy_blas_name() -> str:
+    """The BLAS NumPy was built against, lower case ('' if NumPy does not say)."""
+    try:
+        return str(np.__config__.CONFIG["Build Dependencies"]["blas"]["name"]).lower()
+    except Exception:
+        return ""
 
 
 def _first(lib, names):
