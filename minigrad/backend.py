@@ -190,11 +190,10 @@ def bias_grad(g2):
 
 
 def _bias_kernel_fits(y2, b=None) -> bool:
+    """The compiled loops take these shapes (``pooled`` checks dtypes and layout itself)."""
     from .kernels import cpu
     arrays = (y2,) if b is None else (y2, b)
-    return (cpu.accepts(*arrays) and y2.ndim == 2 and y2.flags.c_contiguous
-            and (b is None or (b.ndim == 1 and b.dtype == y2.dtype and b.flags.c_contiguous
-                               and b.shape[0] == y2.shape[1])))
+    return cpu.accepts(*arrays) and y2.ndim == 2 and (b is None or b.shape == y2.shape[1:])
 
 
 def _rows_kernel_fits(target, index, values) -> bool:

@@ -369,37 +369,37 @@ MIN_PARALLEL_WORK = 1 << 21
 
 def _head_chunks(q, k):
     """Index tuples cutting the leading (batch, head, ...) axes of q and k into one part per
-    pool thread, along the first axis long enough (else the longest); [] for serial."""
+    pool thread, along the first axis long enough (else the longest); [(...,)], one part
+    holding everything, when the work is small, the arrays are not NumPy's or there is no
+    pool."""
+    whole = [(Ellipsis,)]
     if not (isinstance(q, np.ndarray) and q.ndim > 2):
-        return []
+        return whole
     lead = q.shape[:-2]
     if math.prod(lead) * q.shape[-2] * k.shape[-2] * q.shape[-1] < MIN_PARALLEL_WORK:
-        return []
+        return whole
     n = _threads.num_workers()
-    if n < 2:
-        return []
     ax = next((i for i, m in enumerate(lead) if m >= n), int(np.argmax(lead)))
-    if lead[ax] < 2:
-        return []
+    if n < 2 or lead[ax] < 2:
+        return whole
     return [(slice(None),) * ax + (s,) for s in _threads.split(lead[ax], n)]
 
 
 def _run_forward(impl, q, k, v, scale, causal, block, out):
     """Kernel ``impl`` on (..., T, d) arrays of any strides: the output goes into ``out``,
     the row log-sum-exp (..., T) is returned. The blocked kernel reads the arrays in place,
-    its heads split over the BLAS library's threads (``threads.parallel_for``); the
-    reference and flash kernels get contiguous (BH, T, d) copies."""
+    its heads split over the BLAS library's threads (``threads.parallel_for``, which runs a
+    single part in this thread); the reference and flash kernels get contiguous (BH, T, d)
+    copies."""
+    xp = backend.get_array_module(q)
     if impl == "blocked":
-        parts = _head_chunks(q, k)
-        if not parts:
-            return blocked_forward(q, k, v, scale, causal, block, out=out)[1]
-        lse = np.empty(q.shape[:-1], dtype=q.dtype)
+        lse = xp.empty(q.shape[:-1], dtype=q.dtype)
 
         def run(ix):
             lse[ix] = blocked_forward(q[ix], k[ix], v[ix], scale, causal, block, out=out[ix])[1]
-        _threads.parallel_for(run, parts)
+        _threads.parallel_for(run, _head_chunks(q, k))
         return lse
-    o3, lse = IMPLS[impl][0](*_flat3(backend.get_array_module(q), q, k, v), scale, causal)
+    o3, lse = IMPLS[impl][0](*_flat3(xp, q, k, v), scale, causal)
     out[...] = o3.reshape(out.shape)
     return lse.reshape(q.shape[:-1])
 
@@ -407,15 +407,10 @@ def _run_forward(impl, q, k, v, scale, causal, block, out):
 def _run_backward(impl, q, k, v, o, lse, do, scale, causal, block, out):
     """Gradients of ``_run_forward`` written into the three arrays of ``out``."""
     if impl == "blocked":
-        parts = _head_chunks(q, k)
-        if not parts:
-            blocked_backward(q, k, v, o, lse, do, scale, causal, block, out=out)
-            return
-
         def run(ix):
             blocked_backward(q[ix], k[ix], v[ix], o[ix], lse[ix], do[ix], scale, causal, block,
                              out=tuple(g[ix] for g in out))
-        _threads.parallel_for(run, parts)
+        _threads.parallel_for(run, _head_chunks(q, k))
         return
     q3, k3, v3, o3, do3 = _flat3(backend.get_array_module(q), q, k, v, o, do)
     grads = IMPLS[impl][1](q3, k3, v3, o3, lse.reshape(q3.shape[:2]), do3, scale, causal)

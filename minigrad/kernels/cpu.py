@@ -64,19 +64,23 @@ if HAVE_NUMBA:
     _GC3 = np.float32(GELU_C * GELU_A)
     _GD3 = np.float32(3.0 * GELU_C * GELU_A)
 
-    from llvmlite import ir as _ir
     from numba.core import types as _types
     from numba.extending import intrinsic as _intrinsic
 
-    @_intrinsic
-    def _bits_to_f32(typingctx, bits):
-        """Reinterpret an int32's bits as a float32 (an LLVM bitcast: free, vectorizable)."""
-        if bits != _types.int32:
-            return None
+    def bitcast(src, dst):
+        """An intrinsic reading a ``src`` number's bits as a ``dst`` of the same width (an
+        LLVM bitcast: free, vectorizable)."""
+        @_intrinsic
+        def cast(typingctx, bits):
+            if bits != src:
+                return None
 
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], _ir.FloatType())
-        return _types.float32(_types.int32), codegen
+            def codegen(context, builder, signature, args):
+                return builder.bitcast(args[0], context.get_value_type(dst))
+            return dst(src), codegen
+        return cast
+
+    _bits_to_f32 = bitcast(_types.int32, _types.float32)
 
     _LOG2E = np.float32(1.0 / math.log(2.0))
     _LN2_HI, _LN2_LO = np.float32(LN2_HI), np.float32(LN2_LO)

@@ -28,7 +28,6 @@ MIN_ITEMS = 1 << 15
 _jobs = None
 
 if HAVE_NUMBA:
-    from llvmlite import ir as _ir
     from numba.core import types as _t
     from numba.extending import intrinsic as _intrinsic
 
@@ -39,7 +38,7 @@ if HAVE_NUMBA:
             return None
 
         def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], _ir.IntType(64).as_pointer())
+            return builder.bitcast(args[0], context.get_value_type(sig.return_type))
         return _t.CPointer(_t.int64)(p), codegen
 
     def _typed_pointer(nbtype):
@@ -56,15 +55,7 @@ if HAVE_NUMBA:
 
     _f32p, _f64p = _typed_pointer(_t.float32), _typed_pointer(_t.float64)
 
-    @_intrinsic
-    def _f64(typingctx, bits):
-        """int64 bits -> float64 (a bitcast)."""
-        if bits != _t.int64:
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], _ir.DoubleType())
-        return _t.float64(_t.int64), codegen
+    _f64 = cpu.bitcast(_t.int64, _t.float64)                      # a float stored as its bits
 
     _carray = numba.carray
 
@@ -180,8 +171,9 @@ def _run(job: str, parts, fields) -> bool:
     return threads.run_c(_addresses()[job], records)
 
 
-def _bits(x: float) -> int:
-    return int(np.float64(x).view(np.int64))
+def _bits(*values: float) -> list[int]:
+    """Floats as the int64 bit patterns that ``_f64`` reads back."""
+    return np.array(values, np.float64).view(np.int64).tolist()
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -210,8 +202,8 @@ def layer_norm_fwd(x, w, b, eps, y, mean, rstd):
     if len(parts) < 2 or not (_fit(_FLOATS, x, w, b, y) and _fit((np.float64,), mean, rstd)) or not _run(
             "ln_fwd", parts,
             lambda i, s: [_addr(x, s.start), w.ctypes.data, b.ctypes.data, _addr(y, s.start),
-                          _addr(mean, s.start), _addr(rstd, s.start), s.stop - s.start, C, _bits(eps),
-                          x.itemsize]):
+                          _addr(mean, s.start), _addr(rstd, s.start), s.stop - s.start, C,
+                          *_bits(eps), x.itemsize]):
         cpu.layer_norm_fwd(x, w, b, eps, y, mean, rstd)
 
 
@@ -236,7 +228,7 @@ def adam_step(p, g, m, v, lr, b1, b2, eps, bc1, bc2_sqrt, decay) -> None:
     """cpu.adam_step over flat arrays of one dtype, p, m, v updated in place."""
     parts = _parts(p.size, 1)
     if len(parts) >= 2:
-        floats = np.array([lr, b1, b2, eps, bc1, bc2_sqrt, decay], np.float64).view(np.int64).tolist()
+        floats = _bits(lr, b1, b2, eps, bc1, bc2_sqrt, decay)
     if len(parts) < 2 or not _fit(_FLOATS, p, g, m, v) or not _run(
             "adam", parts,
             lambda i, s: [_addr(p, s.start), _addr(g, s.start), _addr(m, s.start), _addr(v, s.start),

@@ -86,11 +86,18 @@ def _first(lib, names):
 
 
 class _OpenBLAS:
-    """The C entry points found in NumPy's OpenBLAS, or ``ok = False``."""
+    """The C entry points found in NumPy's OpenBLAS, or ``ok = False`` and ``why`` not."""
 
     def __init__(self):
-        self.ok, self.path, self.why = False, None, "NumPy's OpenBLAS not found (another BLAS, or several OpenBLAS copies loaded)"
+        self.ok, self.path = False, None
+        self.why = "NumPy's OpenBLAS not found (another BLAS, or several OpenBLAS copies loaded)"
         self.set_threads = self.get_threads = self.pthread = None
+        try:
+            self._find()
+        except Exception as e:        # never fail because of this: run serially
+            self.ok, self.pthread, self.why = False, None, f"OpenBLAS lookup failed: {e!r}"
+
+    def _find(self):
         for path in _candidate_paths():
             try:
                 lib = ctypes.CDLL(path)
@@ -124,20 +131,11 @@ _job: list = [None]
 def _get() -> _OpenBLAS:
     global _blas
     if _blas is None:
-        try:
-            _blas = _OpenBLAS()
-        except Exception as e:    # never fail because of this: run serially
-            _blas = _OpenBLAS.__new__(_OpenBLAS)
-            _blas.ok, _blas.path, _blas.why = False, None, f"OpenBLAS lookup failed: {e!r}"
-            _blas.set_threads = _blas.get_threads = _blas.pthread = None
+        _blas = _OpenBLAS()
     return _blas
 
 
 _ENABLED = os.environ.get("MINIGRAD_THREADS", "") not in ("0", "1")
-
-
-def _enabled() -> bool:
-    return _ENABLED
 
 
 def enable(on: bool = True) -> bool:
@@ -165,7 +163,7 @@ def set_blas_threads(n: int) -> bool:
 
 def num_workers() -> int:
     """How many chunks ``parallel_for`` runs at once: OpenBLAS's thread count, or 1."""
-    if not _enabled() or getattr(_inside, "on", False):
+    if not _ENABLED or getattr(_inside, "on", False):
         return 1
     b = _get()
     return max(1, int(b.get_threads())) if b.ok else 1
@@ -174,8 +172,8 @@ def num_workers() -> int:
 def blas_info() -> dict:
     """What was found, for reports: library path, threads, and why chunks run serially."""
     b = _get()
-    return {"library": b.path, "pool": b.ok and _enabled(), "threads": get_blas_threads(),
-            "note": b.why if b.ok is False else ("" if _enabled() else "MINIGRAD_THREADS disables it")}
+    return {"library": b.path, "pool": b.ok and _ENABLED, "threads": get_blas_threads(),
+            "note": b.why if b.ok is False else ("" if _ENABLED else "MINIGRAD_THREADS disables it")}
 
 
 def _trampoline(i):
