@@ -1,5 +1,4 @@
 """Reversible layers: exact inversion, plain-backprop gradients, flat activation memory, a GPT that trains."""
-import json
 
 import numpy as np
 import pytest
