@@ -13,8 +13,6 @@ last full window. Both give the same tokens while the text fits in the window.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -22,27 +20,12 @@ import numpy as np
 
 import minigrad as mg
 from minigrad import backend
-from minigrad.io import load_file
 
-from .config import ModelConfig
 from .model import GPT, KVCache
+from .loader import ModelDirError, load_model  # noqa: F401  (re-exported: notebooks import it from here)
 from .tokenizer import load_tokenizer
 
 STRATEGIES = ("greedy", "sample", "top_k", "top_p", "beam")
-
-
-def load_model(model_dir: str, device: str = "cpu"):
-    """(model, tokenizer) from a folder written by training."""
-    for name in ("model.safetensors", "config.json", "tokenizer.json"):
-        if not os.path.isfile(os.path.join(model_dir, name)):
-            raise FileNotFoundError(f"{model_dir} has no {name}: is it the 'model' folder written by lm.train?")
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        conf = json.load(f)
-    known = set(ModelConfig.__dataclass_fields__)
-    model = GPT(ModelConfig(**{k: v for k, v in conf["model"].items() if k in known}))
-    model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")))
-    model.eval().to(device)
-    return model, load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
 
 
 # --------------------------------------------------------------------------- logits processing

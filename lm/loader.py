@@ -1,0 +1,101 @@
+"""One loader for every model folder.
+
+``load_model(model_dir, device)`` returns ``(model, tokenizer)`` for whatever a folder holds.
+``lm.generate``, ``lm.compress``, ``lm.export``, ``lm.train``'s ``init_from`` and the benchmarks
+all call it, so a new kind of folder is taught here once.
+
+A folder is recognised by its files and its ``config.json``:
+
+| kind            | how it is recognised                                           |
+|-----------------|----------------------------------------------------------------|
+| ``minigrad``    | ``config.json`` with a ``"model"`` section (written by lm.train) |
+
+Each kind is a pair of functions in ``KINDS``: ``detect(model_dir, conf) -> bool`` and
+``load(model_dir, conf, device) -> (model, tokenizer)``; the first that detects wins, in order.
+Techniques that change what the weights are (quantized codes, pruned masks, a LoRA adapter on
+a named base, a Hugging Face GPT-2 folder) add their kind here, before ``minigrad``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from minigrad.io import load_file
+
+from .config import ModelConfig
+from .model import GPT
+from .tokenizer import load_tokenizer
+
+
+class ModelDirError(ValueError):
+    """A model folder that cannot be opened: the message says which file and why."""
+
+
+def read_config(model_dir: str) -> dict:
+    """``config.json`` of a model folder as a dict (``{}`` when there is none)."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            conf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(conf, dict):
+        raise ModelDirError(f"{path} does not hold a JSON object")
+    return conf
+
+
+def model_config_from(conf: dict, path: str = "config.json") -> ModelConfig:
+    """The ``ModelConfig`` saved in a config dict; unknown keys are dropped (older/newer folders)."""
+    known = set(ModelConfig.__dataclass_fields__)
+    section = conf.get("model")
+    if not isinstance(section, dict):
+        raise ModelDirError(f"{path} has no 'model' section")
+    try:
+        return ModelConfig(**{k: v for k, v in section.items() if k in known})
+    except TypeError as e:
+        raise ModelDirError(f"{path}: {e}") from None
+
+
+# --------------------------------------------------------------------------- kinds
+def _is_minigrad(model_dir: str, conf: dict) -> bool:
+    return "model" in conf
+
+
+def _load_minigrad(model_dir: str, conf: dict, device: str):
+    for name in ("model.safetensors", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise ModelDirError(f"{model_dir} has no {name}: is it the 'model' folder written by lm.train?")
+    model = GPT(model_config_from(conf, os.path.join(model_dir, "config.json")))
+    model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")))
+    model.eval().to(device)
+    return model, load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
+
+
+KINDS: list[tuple[str, object, object]] = [
+    ("minigrad", _is_minigrad, _load_minigrad),
+]
+
+
+def detect_kind(model_dir: str) -> str:
+    """The name of the kind of folder ``model_dir`` is; a clear error when it is none."""
+    if not os.path.isdir(model_dir):
+        raise ModelDirError(f"{model_dir} is not a folder: pass the 'model' folder written by lm.train "
+                            f"(it holds model.safetensors, config.json and tokenizer.json)")
+    conf = read_config(model_dir)
+    for name, detect, _ in KINDS:
+        if detect(model_dir, conf):
+            return name
+    raise ModelDirError(f"{model_dir} is not a model folder: no config.json that lm.train (or a known "
+                        f"format: {', '.join(k[0] for k in KINDS)}) writes")
+
+
+def load_model(model_dir: str, device: str = "cpu"):
+    """(model, tokenizer) from any model folder this project knows, in eval mode on ``device``."""
+    kind = detect_kind(model_dir)
+    conf = read_config(model_dir)
+    for name, _, load in KINDS:
+        if name == kind:
+            return load(model_dir, conf, device)
+    raise AssertionError(kind)
