@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -159,8 +160,11 @@ def load_config(path: str | None) -> Config:
     return config_from_dict(d, source=path)
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``section.key=value`` (or unique ``key=value``) strings; values parsed as YAML scalars."""
+def apply_overrides(cfg: Config, overrides: list[str], seen: set | None = None) -> Config:
+    """Apply ``section.key=value`` (or unique ``key=value``) strings; values parsed as YAML scalars.
+
+    ``seen``, when given, collects the ``section.key`` names that were set.
+    """
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_iters=100)")
@@ -184,33 +188,63 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                                   f"write e.g. {owners[0]}.{key}={raw}")
             section, name = owners[0], key
         _apply_section(getattr(cfg, section), section, {name: value}, "override")
+        if seen is not None:
+            seen.add(f"{section}.{name}")
     return cfg
 
 
+def keys_set_by(path: str | None, overrides: list[str]) -> set:
+    """The ``section.key`` names a config file and overrides give values to (not the defaults)."""
+    seen: set = set()
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+        seen |= {f"{sec}.{k}" for sec, vals in d.items() if isinstance(vals, dict) for k in vals}
+    apply_overrides(Config(), overrides, seen)
+    return seen
+
+
 def validate(cfg: Config) -> None:
+    """Check every value's range before any folder is made or any step runs (ConfigError names it)."""
     m, t, d = cfg.model, cfg.train, cfg.data
+
+    def need(ok: bool, name: str, rule: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{name} must be {rule}, got {value!r}")
+
+    for name, v in (("model.block_size", m.block_size), ("model.n_layer", m.n_layer),
+                    ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
+                    ("train.batch_size", t.batch_size), ("train.eval_interval", t.eval_interval),
+                    ("train.eval_iters", t.eval_iters), ("train.log_interval", t.log_interval)):
+        need(v > 0, name, "positive", v)
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
-    for name, v in (("model.block_size", m.block_size), ("model.n_layer", m.n_layer),
-                    ("model.n_head", m.n_head), ("train.batch_size", t.batch_size)):
-        if v <= 0:
-            raise ConfigError(f"{name} must be positive, got {v}")
-    if m.checkpoint_every < 0:
-        raise ConfigError(f"model.checkpoint_every must be >= 0 (0: off), got {m.checkpoint_every}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.attention not in ATTENTION_IMPLS:
-        raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_IMPLS)}, got {m.attention!r}")
-    if m.gelu not in ("tanh", "exact"):
-        raise ConfigError(f"model.gelu must be 'tanh' or 'exact', got {m.gelu!r}")
-    if d.tokenizer not in ("char", "bpe"):
-        raise ConfigError(f"data.tokenizer must be 'char' or 'bpe', got {d.tokenizer!r}")
-    if not 0.0 < d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-    if t.max_iters < 0 or t.eval_interval <= 0 or t.eval_iters <= 0:
-        raise ConfigError("train.max_iters must be >= 0, eval_interval and eval_iters > 0")
-    if t.dtype not in ("float32", "float64"):
-        raise ConfigError(f"train.dtype must be 'float32' or 'float64', got {t.dtype!r}")
+    need(m.vocab_size >= 0, "model.vocab_size", ">= 0 (0: the tokenizer's size)", m.vocab_size)
+    need(m.checkpoint_every >= 0, "model.checkpoint_every", ">= 0 (0: off)", m.checkpoint_every)
+    need(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
+    need(m.attention in ATTENTION_IMPLS, "model.attention", "one of " + ", ".join(ATTENTION_IMPLS), m.attention)
+    need(m.gelu in ("tanh", "exact"), "model.gelu", "'tanh' or 'exact'", m.gelu)
+    need(d.tokenizer in ("char", "bpe"), "data.tokenizer", "'char' or 'bpe'", d.tokenizer)
+    if d.tokenizer == "bpe":
+        need(d.vocab_size >= 256, "data.vocab_size", ">= 256 for a BPE tokenizer (its 256 byte tokens "
+             "come first)", d.vocab_size)
+    need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "in (0, 1)", d.val_fraction)
+    need(t.max_iters >= 0, "train.max_iters", ">= 0", t.max_iters)
+    for name, v in (("train.warmup_iters", t.warmup_iters), ("train.lr_decay_iters", t.lr_decay_iters),
+                    ("train.sample_tokens", t.sample_tokens)):
+        need(v >= 0, name, ">= 0", v)
+    finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731
+    need(finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", "a positive number",
+         t.learning_rate)
+    need(finite(t.min_lr) and t.min_lr >= 0, "train.min_lr", "a number >= 0", t.min_lr)
+    need(finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    need(0.0 <= t.beta1 < 1.0, "train.beta1", "in [0, 1)", t.beta1)
+    need(0.0 <= t.beta2 < 1.0, "train.beta2", "in [0, 1)", t.beta2)
+    need(finite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 turns clipping off)", t.grad_clip)
+    need(t.dtype in ("float32", "float64"), "train.dtype", "'float32' or 'float64'", t.dtype)
+    dev = str(t.device).lower()
+    need(dev == "cpu" or dev == "cuda" or re.fullmatch(r"cuda:\d+", dev) is not None, "train.device",
+         "'cpu' or 'cuda'", t.device)
 
 
 def save_yaml(cfg: Config, path: str) -> None:

@@ -9,6 +9,20 @@ What a run writes under ``output_dir``:
   atomically, so a run killed at any moment resumes from its last save;
 - ``metrics.jsonl``: one JSON line per step (and one per evaluation);
 - ``loss.png``: the loss curves and gradient norms.
+
+Rules of the command line (``main``), checked before any folder is created or any step runs:
+
+- every value is validated (``lm.config.validate``), the corpus is read and the device found;
+- an ``--output_dir`` that already holds a run is refused unless ``--resume`` (continue it) or
+  ``--overwrite`` (delete that run's files, start again) is given;
+- ``--resume`` continues with the model and data settings saved in the checkpoint: values of
+  those sections given again on the command line or in ``--config`` that differ from the
+  checkpoint's are refused, naming each; training settings (``--max_iters``, the learning
+  rate...) may change;
+- temporary files left by a save that was killed (``.checkpoint.safetensors.*.tmp``) are deleted;
+- on resume, ``metrics.jsonl`` is cut back to the checkpoint's step (the steps after it are run
+  again), and ``summary.json``'s ``wall_s`` counts every part of the run, killed ones included;
+- Ctrl-C says at which step the last save was and prints the command that continues the run.
 """
 from __future__ import annotations
 
@@ -16,6 +30,9 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -26,7 +43,8 @@ import minigrad as mg
 from minigrad import backend
 from minigrad.io import atomic_write_text, load_file, load_metadata, save_file
 
-from .config import Config, ConfigError, ModelConfig, apply_overrides, load_config, validate
+from .cli import ToolError, add_debug_flag, run_tool
+from .config import Config, ConfigError, ModelConfig, apply_overrides, keys_set_by, load_config, validate
 from .data import CorpusError, get_batch, prepare_data
 from .model import GPT
 from .probes import StepProbe
@@ -34,8 +52,24 @@ from .probes import StepProbe
 CHECKPOINT = "checkpoint.safetensors"
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+# what a run writes into output_dir (and, for "model", into output_dir/model): --overwrite deletes these
+RUN_FILES = (CHECKPOINT, "metrics.jsonl", "summary.json", "loss.png", "memory.png", "grad_flow.png")
+MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+# minigrad.io.atomic_write's temporary names: ".<target>.<random>.tmp"
+_TMP_RE = re.compile(r"^\.(?P<target>[^/]+)\.[A-Za-z0-9_]{4,}\.tmp$")
+
+
+class TrainingDiverged(ToolError):
+    def __init__(self, message: str):
+        super().__init__(message, code=1)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a callback's KeyboardInterrupt) during training; says what was saved."""
+
+    def __init__(self, step: int, saved_step: int | None, ckpt_path: str):
+        super().__init__(step, saved_step, ckpt_path)
+        self.step, self.saved_step, self.ckpt_path = step, saved_step, ckpt_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,12 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="output", help="where the model, checkpoint and logs go")
     p.add_argument("--seed", type=int, default=None, help="random seed (overrides train.seed)")
     p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.safetensors")
+    p.add_argument("--overwrite", action="store_true",
+                   help="output_dir holds a run already: delete its files and start a new run")
     p.add_argument("--device", default=None, help="cpu or cuda (overrides train.device)")
     p.add_argument("--max_iters", type=int, default=None, help="overrides train.max_iters")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. model.n_layer=2 train.learning_rate=3e-4")
+                   help="config overrides, e.g. model.n_layer=2 train.learning_rate=3e-4 (anywhere among the flags)")
     return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags and ``key=value`` overrides in any order."""
+    return build_parser().parse_intermixed_args(argv)
 
 
 def resolve_config(args) -> Config:
@@ -106,10 +148,32 @@ def save_checkpoint(path: str, model: GPT, opt, step: int, batch_rng, best_val: 
     save_file(tensors, path, meta)
 
 
-def load_checkpoint(path: str, model: GPT, opt):
-    arrays = load_file(path)
-    meta = load_metadata(path)
-    model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+def read_checkpoint(path: str) -> tuple[dict, dict]:
+    """(arrays, metadata) of a checkpoint, or a ToolError saying it cannot be resumed from."""
+    try:
+        meta = load_metadata(path)
+        arrays = load_file(path)
+        for key in ("step", "best_val", "batch_rng", "minigrad_rng", "optim_scalars", "optim_groups",
+                    "optim_step_count", "config"):
+            if key not in meta:
+                raise ValueError(f"its metadata has no {key!r}")
+        json.loads(meta["config"])
+        int(meta["step"])
+    except (OSError, ValueError) as e:   # json.JSONDecodeError is a ValueError
+        raise ToolError(f"--resume: {path} is not a checkpoint this trainer can continue from "
+                        f"({e}); it may be truncated. Start again with --overwrite, or use another "
+                        f"--output_dir") from None
+    return arrays, meta
+
+
+def load_checkpoint(path: str, model: GPT, opt, arrays: dict | None = None, meta: dict | None = None):
+    if arrays is None or meta is None:
+        arrays, meta = read_checkpoint(path)
+    try:
+        model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+    except KeyError as e:   # StateDictError: another architecture's weights
+        raise ToolError(f"--resume: the weights in {path} do not fit the model its config describes "
+                        f"({str(e).splitlines()[-1].strip()})") from None
     scalars = json.loads(meta["optim_scalars"])
     state: dict = {}
     for k, v in arrays.items():
@@ -135,6 +199,129 @@ def save_model_dir(model_dir: str, model: GPT, tokenizer, cfg: Config, extra: di
     tokenizer.save(os.path.join(model_dir, "tokenizer.json"))
 
 
+# --------------------------------------------------------------------------- the output folder
+def check_output_dir(output_dir: str, resume: bool = False, overwrite: bool = False,
+                     existing_run_ok: bool = False) -> None:
+    """Refuse, before anything is written, an output_dir that training cannot or must not use.
+
+    Without ``resume``, ``overwrite`` or ``existing_run_ok``, a folder that holds a run is refused.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in "
+                          f"{output_dir}, --overwrite deletes it")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"--output_dir {output_dir} is a file, not a folder: choose another --output_dir")
+    parent = os.path.abspath(output_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--output_dir {output_dir} lies under {parent}, which is a file: choose another "
+                          f"--output_dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {output_dir}: no permission to write in {parent}; choose a folder "
+                          f"you can write to")
+    model_dir = os.path.join(output_dir, "model")
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise ConfigError(f"{model_dir} is a file, but training writes its model folder there: move the "
+                          f"file away or choose another --output_dir")
+    ckpt = os.path.join(output_dir, CHECKPOINT)
+    if resume:
+        if not os.path.isfile(ckpt):
+            raise ConfigError(f"--resume: no checkpoint at {ckpt}; start a new run without --resume")
+    elif not (overwrite or existing_run_ok) and holds_run(output_dir):
+        raise ConfigError(f"{output_dir} holds a run already; continue it with --resume, or replace it "
+                          f"with --overwrite (or choose another --output_dir)")
+
+
+def holds_run(output_dir: str) -> bool:
+    """Whether output_dir has a checkpoint, metrics or a model written by a run."""
+    return (any(os.path.exists(os.path.join(output_dir, f)) for f in (CHECKPOINT, "metrics.jsonl"))
+            or any(os.path.exists(os.path.join(output_dir, "model", f)) for f in MODEL_FILES))
+
+
+def remove_run(output_dir: str) -> None:
+    """--overwrite: delete the files a run wrote (nothing else in the folder)."""
+    for f in RUN_FILES:
+        if os.path.isfile(os.path.join(output_dir, f)):
+            os.remove(os.path.join(output_dir, f))
+    model_dir = os.path.join(output_dir, "model")
+    for f in MODEL_FILES:
+        if os.path.isfile(os.path.join(model_dir, f)):
+            os.remove(os.path.join(model_dir, f))
+
+
+def remove_stale_tmp(output_dir: str, log=print) -> int:
+    """Delete the temporary files of our atomic writes that a kill left behind; returns bytes freed."""
+    ours = set(RUN_FILES) | set(MODEL_FILES)
+    freed, n = 0, 0
+    for folder in (output_dir, os.path.join(output_dir, "model")):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            m = _TMP_RE.match(name)
+            if m and m.group("target") in ours:
+                path = os.path.join(folder, name)
+                try:
+                    size = os.path.getsize(path)
+                    os.remove(path)
+                except OSError:
+                    continue
+                freed, n = freed + size, n + 1
+    if n:
+        log(f"removed {n} temporary file(s) of an interrupted save ({freed / 1e6:.1f} MB)")
+    return freed
+
+
+def resume_settings(cfg: Config, saved: dict, given: set, ckpt_path: str, log=print) -> None:
+    """Take the checkpoint's model and data settings; refuse values given now that differ from them.
+
+    ``given``: the ``section.key`` names set on the command line or in the config file.
+    """
+    conflicts, taken = [], []
+    for section in ("model", "data"):
+        current, old = getattr(cfg, section), saved.get(section, {})
+        for k, v in old.items():
+            if not hasattr(current, k) or k == "cache_dir":   # a cache location may move
+                continue
+            now = getattr(current, k)
+            if section == "model" and k == "vocab_size" and now == 0:   # 0: "from the tokenizer"
+                now = v
+            if now == v:
+                continue
+            if f"{section}.{k}" in given:
+                what = f"--data {now}" if (section, k) == ("data", "corpus") else f"{section}.{k}={now!r}"
+                conflicts.append(f"{what} (the checkpoint has {v!r})")
+            else:
+                taken.append(f"{section}.{k}={v!r}")
+            setattr(current, k, v)
+    if conflicts:
+        raise ConfigError(f"--resume continues the run in {ckpt_path} with its own model and data, but "
+                          f"these differ: {'; '.join(conflicts)}. Drop them to resume, or start a new run "
+                          f"with them (--overwrite, or another --output_dir)")
+    if taken:
+        log(f"note: resuming with the checkpoint's settings {', '.join(taken)}")
+
+
+def trim_metrics(metrics_path: str, step: int, keep_eval_at_step: bool) -> float:
+    """Cut metrics.jsonl back to ``step`` (what resuming from there repeats); returns the wall
+    seconds that all earlier parts of the run took, the killed steps after ``step`` included."""
+    if not os.path.isfile(metrics_path):
+        return 0.0
+    kept, wall = [], 0.0
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:   # a line cut short by the kill
+                continue
+            wall = max(wall, float(r.get("wall_s", 0.0)))
+            s_ = r.get("step", 0)
+            if s_ < step or (s_ == step and (r.get("kind") != "eval" or keep_eval_at_step)):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(metrics_path, "".join(kept))
+    return wall
+
+
 # --------------------------------------------------------------------------- evaluation
 @mg.no_grad()
 def estimate_loss(model: GPT, data, cfg: Config, seed: int) -> dict:
@@ -158,44 +345,108 @@ def _dev(a, cfg):
 
 
 # --------------------------------------------------------------------------- training
-def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callback=None) -> dict:
+class Progress:
+    """The tqdm bar of training, whose rate and ETA count training steps only.
+
+    ``exclude(seconds)`` takes time spent outside steps (an evaluation, the first step of a
+    process, which compiles kernels) off the bar's clock; without it the first bar showed
+    hours of ETA. A disabled Progress does nothing.
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool = True, **kw):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, **kw)
+
+    def exclude(self, seconds: float) -> None:
+        if self.bar is not None:   # what tqdm.unpause does, for a measured span
+            self.bar.start_t += seconds
+            self.bar.last_print_t += seconds
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(refresh=False, **postfix)
+            self.bar.update(n)
+
+    def write(self, msg: str) -> None:
+        self.bar.write(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callback=None,
+          given: set | None = None, overwrite: bool = False) -> dict:
     """Run training; returns a summary dict (losses, steps, timings).
 
     ``callback(step, loss)``, if given, is called after every optimizer step (notebooks
-    use it for live plots; tests use it to interrupt a run).
+    use it for live plots; tests use it to interrupt a run). ``given``: the config keys the
+    user set (``--resume`` refuses those that differ from the checkpoint's; None: none).
+    ``overwrite``: delete an earlier run's files in output_dir once everything is checked.
+    Everything is checked before output_dir is created; a run that fails before its first
+    save removes the folder it created. The rule about existing runs is ``main``'s
+    (``check_output_dir``): called directly, ``train`` writes over an earlier run.
     """
     t_cfg, m_cfg = cfg.train, cfg.model
+    validate(cfg)
+    try:
+        t_cfg.device = backend.check_device(t_cfg.device)
+    except (RuntimeError, ValueError) as e:
+        raise ToolError(f"--device {t_cfg.device}: {e}") from None
+    check_output_dir(output_dir, resume, overwrite, existing_run_ok=True)
     backend.keep_freed_memory()   # reuse freed arrays' memory: about 25% faster steps (see backend)
     dtype = np.dtype(t_cfg.dtype)
-    backend.check_device(t_cfg.device)
-    os.makedirs(output_dir, exist_ok=True)
     ckpt_path = os.path.join(output_dir, CHECKPOINT)
     model_dir = os.path.join(output_dir, "model")
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
 
+    ckpt = None
     if resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        saved = json.loads(load_metadata(ckpt_path)["config"])
-        for section in ("model", "data"):   # the architecture and data must be those of the run
-            current = asdict(getattr(cfg, section))
-            if section == "model" and current["vocab_size"] == 0:   # 0 means "from the tokenizer"
-                current["vocab_size"] = saved["model"]["vocab_size"]
-            if saved[section] != current:
-                log(f"note: resuming with the {section} settings saved in the checkpoint")
-                for k, v in saved[section].items():
-                    setattr(getattr(cfg, section), k, v)
+        ckpt = read_checkpoint(ckpt_path)
+        resume_settings(cfg, json.loads(ckpt[1]["config"]), given or set(), ckpt_path, log)
+        validate(cfg)
 
     data = prepare_data(cfg.data.corpus, tokenizer_kind=cfg.data.tokenizer, vocab_size=cfg.data.vocab_size,
                         val_fraction=cfg.data.val_fraction, cache_dir=cfg.data.cache_dir,
                         text_field=cfg.data.text_field)
-    data.check_block_size(m_cfg.block_size)
+    try:
+        data.check_block_size(m_cfg.block_size)
+    except ValueError as e:
+        raise ConfigError(f"model.block_size: {e}") from None
     if m_cfg.vocab_size == 0:
         m_cfg.vocab_size = data.tokenizer.vocab_size
     elif m_cfg.vocab_size < data.tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size {m_cfg.vocab_size} is smaller than the tokenizer's "
                           f"{data.tokenizer.vocab_size}")
 
+    # checked: now the folder may be made (and is removed again if nothing gets saved)
+    if overwrite and not resume and os.path.isdir(output_dir):
+        remove_run(output_dir)
+    created = not os.path.exists(output_dir)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise ToolError(f"cannot create --output_dir {output_dir}: {e.strerror or e}; choose another "
+                        f"--output_dir") from None
+    saved = {"step": None}
+    try:
+        return _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir,
+                      metrics_path)
+    except BaseException as e:
+        if created and saved["step"] is None:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, TrainingInterrupted):
+            raise TrainingInterrupted(-1, saved["step"], ckpt_path) from None
+        raise
+
+
+def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir, metrics_path):
+    t_cfg, m_cfg = cfg.train, cfg.model
+    resume = ckpt is not None
+    remove_stale_tmp(output_dir, log)
     mg.manual_seed(t_cfg.seed)
     model = GPT(m_cfg)
     if dtype != np.float32:
@@ -205,9 +456,12 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     sched = mg.optim.WarmupCosine(opt, t_cfg.warmup_iters, t_cfg.lr_decay_iters or t_cfg.max_iters,
                                   t_cfg.min_lr, base_lr=t_cfg.learning_rate)
     batch_rng = np.random.default_rng(t_cfg.seed)
-    step, best_val = 0, math.inf
+    step, best_val, wall_before = 0, math.inf, 0.0
     if resume:
-        step, batch_rng, best_val = load_checkpoint(ckpt_path, model, opt)
+        step, batch_rng, best_val = load_checkpoint(ckpt_path, model, opt, *ckpt)
+        saved["step"] = step
+        rerun_eval = step % t_cfg.eval_interval == 0 or step >= t_cfg.max_iters
+        wall_before = trim_metrics(metrics_path, step, keep_eval_at_step=not rerun_eval)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
         open(metrics_path, "w").close()
@@ -218,83 +472,93 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
 
     def checkpoint(at_step):
         save_checkpoint(ckpt_path, model, opt, at_step, batch_rng, best_val, cfg)
+        saved["step"] = at_step
 
     eval_seed = t_cfg.seed + 1_000_003
     history = {"step": [], "loss": [], "grad_norm": [], "eval": []}
     tokens_per_step = t_cfg.batch_size * m_cfg.block_size
-    pbar = None
-    if t_cfg.progress:
-        from tqdm import tqdm
-        pbar = tqdm(total=t_cfg.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    pbar = Progress(t_cfg.max_iters, step, enabled=t_cfg.progress)
     t_start = time.perf_counter()
     step_times = []
     last_eval = None
+    first_step = True
     probe = StepProbe(model, opt, t_cfg)   # memory / gradient statistics, when the config asks
-    with open(metrics_path, "a", encoding="utf-8") as mlog, probe:
-        while True:
-            is_last = step >= t_cfg.max_iters
-            if step % t_cfg.eval_interval == 0 or is_last:
-                losses = estimate_loss(model, data, cfg, eval_seed)
-                last_eval = losses
-                history["eval"].append((step, losses["train"], losses["val"]))
-                mlog.write(json.dumps({"kind": "eval", "step": step, "train_loss": losses["train"],
-                                       "val_loss": losses["val"]}) + "\n")
-                mlog.flush()
-                msg = f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                if pbar is not None:
-                    pbar.write(msg)
-                else:
-                    log(msg)
-                if losses["val"] < best_val and step > 0:
-                    best_val = losses["val"]
-                    save_model_dir(model_dir, model, data.tokenizer, cfg, {"step": step, "val_loss": best_val})
-                if step > 0 or not resume:
-                    checkpoint(step)
-            if is_last:
-                break
-            t0 = time.perf_counter()
-            lr = sched.lr_at(step)
-            opt.set_lr(lr)
-            x, y = get_batch(data.train, t_cfg.batch_size, m_cfg.block_size, batch_rng)
-            probe.begin_step()
-            _, loss = model(_dev(x, cfg), _dev(y, cfg))
-            lossf = loss.item()
-            if not math.isfinite(lossf):
-                raise TrainingDiverged(
-                    f"loss became {lossf} at step {step}; the last good checkpoint is kept at {ckpt_path} "
-                    f"(try a lower train.learning_rate or train.grad_clip)")
-            opt.zero_grad()
-            probe.mark("backward")
-            loss.backward()
-            probe.after_backward(step)
-            gnorm = mg.optim.clip_grad_norm_(model.parameters(), t_cfg.grad_clip) if t_cfg.grad_clip > 0 else \
-                math.sqrt(sum(float((p.grad.data.astype(np.float64) ** 2).sum()) for p in model.parameters()
-                              if p.grad is not None))
-            if not math.isfinite(gnorm):
-                raise TrainingDiverged(f"gradient norm became {gnorm} at step {step}; the last good checkpoint "
-                                       f"is kept at {ckpt_path}")
-            opt.step()
-            extra = probe.end_step(step + 1)
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            step += 1
-            history["step"].append(step)
-            history["loss"].append(lossf)
-            history["grad_norm"].append(gnorm)
-            if callback is not None:
-                callback(step, lossf)
-            mlog.write(json.dumps({"step": step, "loss": lossf, "lr": lr, "grad_norm": gnorm,
-                                   "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt, **extra}) + "\n")
-            if pbar is not None:
-                pbar.update(1)
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as mlog, probe:
+            while True:
+                is_last = step >= t_cfg.max_iters
+                if step % t_cfg.eval_interval == 0 or is_last:
+                    t_eval = time.perf_counter()
+                    losses = estimate_loss(model, data, cfg, eval_seed)
+                    last_eval = losses
+                    history["eval"].append((step, losses["train"], losses["val"]))
+                    mlog.write(json.dumps({"kind": "eval", "step": step, "train_loss": losses["train"],
+                                           "val_loss": losses["val"],
+                                           "wall_s": wall_before + time.perf_counter() - t_start}) + "\n")
+                    mlog.flush()
+                    msg = f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                    if pbar.bar is not None:
+                        pbar.write(msg)
+                    else:
+                        log(msg)
+                    if losses["val"] < best_val and step > 0:
+                        best_val = losses["val"]
+                        save_model_dir(model_dir, model, data.tokenizer, cfg, {"step": step, "val_loss": best_val})
+                    if step > 0 or not resume:
+                        checkpoint(step)
+                    pbar.exclude(time.perf_counter() - t_eval)
+                if is_last:
+                    break
+                t0 = time.perf_counter()
+                lr = sched.lr_at(step)
+                opt.set_lr(lr)
+                x, y = get_batch(data.train, t_cfg.batch_size, m_cfg.block_size, batch_rng)
+                probe.begin_step()
+                _, loss = model(_dev(x, cfg), _dev(y, cfg))
+                lossf = loss.item()
+                if not math.isfinite(lossf):
+                    raise TrainingDiverged(
+                        f"loss became {lossf} at step {step}; the last good checkpoint is kept at {ckpt_path} "
+                        f"(try a lower train.learning_rate or train.grad_clip)")
+                opt.zero_grad()
+                probe.mark("backward")
+                loss.backward()
+                probe.after_backward(step)
+                gnorm = mg.optim.clip_grad_norm_(model.parameters(), t_cfg.grad_clip) if t_cfg.grad_clip > 0 else \
+                    math.sqrt(sum(float((p.grad.data.astype(np.float64) ** 2).sum()) for p in model.parameters()
+                                  if p.grad is not None))
+                if not math.isfinite(gnorm):
+                    raise TrainingDiverged(f"gradient norm became {gnorm} at step {step}; the last good checkpoint "
+                                           f"is kept at {ckpt_path}")
+                opt.step()
+                extra = probe.end_step(step + 1)
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                step += 1
+                history["step"].append(step)
+                history["loss"].append(lossf)
+                history["grad_norm"].append(gnorm)
+                if callback is not None:
+                    callback(step, lossf)
+                mlog.write(json.dumps({"step": step, "loss": lossf, "lr": lr, "grad_norm": gnorm,
+                                       "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt,
+                                       "wall_s": wall_before + time.perf_counter() - t_start, **extra}) + "\n")
+                if first_step:   # compiles kernels on first use: not what the rate is about
+                    pbar.exclude(dt)
+                    first_step = False
                 if step % t_cfg.log_interval == 0 or step == t_cfg.max_iters:
-                    pbar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", lr=f"{lr:.2e}")
-            elif step % t_cfg.log_interval == 0:
-                log(f"step {step}: loss {lossf:.4f}, {dt * 1e3:.0f} ms, {tokens_per_step / dt:,.0f} tok/s")
-    if pbar is not None:
+                    if pbar.bar is None:
+                        log(f"step {step}: loss {lossf:.4f}, {dt * 1e3:.0f} ms, {tokens_per_step / dt:,.0f} tok/s")
+                    pbar.update(1, loss=f"{lossf:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", lr=f"{lr:.2e}")
+                else:
+                    pbar.update(1)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(step, saved["step"], ckpt_path) from None
+    finally:
         pbar.close()
     probe.finish(output_dir, log)
-    wall = time.perf_counter() - t_start
+    wall_part = time.perf_counter() - t_start
+    wall = wall_before + wall_part
     if best_val == math.inf:  # no evaluation after step 0 (max_iters == 0 or resumed at the end)
         save_model_dir(model_dir, model, data.tokenizer, cfg)
     try:
@@ -304,7 +568,8 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     ms = 1e3 * float(np.median(step_times)) if step_times else float("nan")
     summary = {"steps": step, "train_loss": last_eval["train"] if last_eval else None,
                "val_loss": last_eval["val"] if last_eval else None, "best_val_loss": best_val,
-               "wall_s": wall, "ms_per_step": ms, "n_params": n_params, "model_dir": model_dir}
+               "wall_s": wall, "wall_s_this_part": wall_part, "resumed": resume,
+               "ms_per_step": ms, "n_params": n_params, "model_dir": model_dir}
     atomic_write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2))
     log(f"done: {step} steps in {wall:.1f} s ({ms:.1f} ms/step median), "
         f"val loss {summary['val_loss']:.4f}; model in {model_dir}")
@@ -318,6 +583,13 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
 
 
 def plot_training(metrics_path: str, png_path: str) -> None:
+    """Draw ``training_figure`` into a PNG (written atomically)."""
+    fig = training_figure(metrics_path)
+    fig.savefig(png_path + ".tmp.png", dpi=110)
+    os.replace(png_path + ".tmp.png", png_path)
+
+
+def training_figure(metrics_path: str):
     """Loss (per step and evaluated) and gradient norm against step, from the metrics log."""
     # a bare Figure (no pyplot): drawing a file must not switch a notebook's backend
     from matplotlib.figure import Figure
@@ -352,22 +624,37 @@ def plot_training(metrics_path: str, png_path: str) -> None:
     a2.set_title("gradient norm (before clipping)")
     a2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path + ".tmp.png", dpi=110)
-    os.replace(png_path + ".tmp.png", png_path)
+    return fig
+
+
+def resume_command(argv) -> str:
+    """The command line that continues the run ``argv`` started."""
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", "-m", "lm.train", *args])
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+
+    def body():
         cfg = resolve_config(args)
-        train(cfg, args.output_dir, resume=args.resume)
-    except (ConfigError, CorpusError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        check_output_dir(args.output_dir, args.resume, args.overwrite)
+        given = keys_set_by(args.config, args.overrides)
+        if args.data is not None:
+            given.add("data.corpus")
+        train(cfg, args.output_dir, resume=args.resume, given=given, overwrite=args.overwrite)
+
+    def on_interrupt(e):
+        if not isinstance(e, TrainingInterrupted) or e.saved_step is None:
+            return "nothing was saved yet; run the same command again to start over"
+        at = f" at step {e.step}" if e.step >= 0 else ""
+        return (f"stopped{at}; the last save is at step {e.saved_step} ({e.ckpt_path}). "
+                f"Continue with: {resume_command(argv)}")
+
+    return run_tool(body, debug=args.debug, on_interrupt=on_interrupt)
 
 
 if __name__ == "__main__":
