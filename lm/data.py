@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,7 @@ from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 __all__ = [
     "CorpusError",
+    "CacheWarning",
     "BUILTIN_CORPORA",
     "SHAKESPEARE_URL",
     "SHAKESPEARE_CHARS",
@@ -156,7 +158,7 @@ def _read_file(path: Path, text_field: str) -> str:
     if suffix == ".jsonl":
         return _read_jsonl(path, text_field)
     raise CorpusError(
-        f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; "
+        f"{path}: unsupported file type {repr(path.suffix) if path.suffix else '(no extension)'}; "
         f"a corpus file must end in {' or '.join(CORPUS_EXTENSIONS)}"
     )
 
@@ -170,7 +172,8 @@ def _read_jsonl(path: Path, text_field: str) -> str:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise CorpusError(
-                f"{path}, line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                # e.msg may end in "at" ("Unterminated string starting at"): no "at at column"
+                f"{path}, line {lineno}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
             ) from None
         if not isinstance(obj, dict):
             raise CorpusError(
@@ -285,6 +288,7 @@ def prepare_data(
     else:
         cache = Path(cache_dir).expanduser()
 
+    cache_failed = None   # the first error writing the cache: a cache is a shortcut, never fatal
     if tokenizer is None:
         tok_path = None
         if use_cache:
@@ -294,15 +298,24 @@ def prepare_data(
         if tokenizer is None:
             tokenizer = build_tokenizer(tokenizer_kind, text, vocab_size, verbose=verbose)
             if tok_path is not None:
-                tokenizer.save(tok_path)
+                cache_failed = _try_write(cache_failed, tok_path, lambda: tokenizer.save(tok_path))
 
     if use_cache:
         key = _hash(f"{_CACHE_FORMAT}|{corpus_hash}|{tokenizer.to_json()}")
         tokens_path = cache / f"tokens-{key[:20]}.npy"
         tokens = _try_load_tokens(tokens_path)
         if tokens is None:
-            _atomic_save_npy(tokens_path, tokenizer.encode_array(text))
-            tokens = np.load(tokens_path, mmap_mode="r")
+            tokens = tokenizer.encode_array(text)
+            failed_before = cache_failed
+            cache_failed = _try_write(cache_failed, tokens_path, lambda: _atomic_save_npy(tokens_path, tokens))
+            if cache_failed is failed_before is None:
+                tokens = np.load(tokens_path, mmap_mode="r")
+            else:
+                tokens_path = None
+        if cache_failed is not None:   # one warning per call, however many files failed
+            warnings.warn(f"could not write the token cache in {cache} ({cache_failed}); going on without it "
+                          f"(choose another folder with data.cache_dir or LM_DATA_DIR)", CacheWarning,
+                          stacklevel=2)
     else:
         tokens_path = None
         tokens = tokenizer.encode_array(text)
@@ -316,9 +329,31 @@ def _hash(s: str) -> str:
     return hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:   # a folder we may not look into
+        return False
+
+
+class CacheWarning(UserWarning):
+    """The token cache could not be written; training goes on without it."""
+
+
+def _try_write(failed, path: Path, write):
+    """Run ``write()``; return the first error message seen (``failed`` or this one), None if none."""
+    if failed is not None:
+        return failed
+    try:
+        write()
+    except OSError as e:
+        return f"{e.strerror or e}: {getattr(e, 'filename', None) or path}"
+    return None
+
+
 def _try_load_tokenizer(path: Path) -> Tokenizer | None:
     # A cache is only a shortcut: anything unreadable is rebuilt, never fatal.
-    if not path.is_file():
+    if not _is_file(path):
         return None
     try:
         return load_tokenizer(path)
@@ -327,7 +362,7 @@ def _try_load_tokenizer(path: Path) -> Tokenizer | None:
 
 
 def _try_load_tokens(path: Path) -> np.ndarray | None:
-    if not path.is_file():
+    if not _is_file(path):
         return None
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)

@@ -13,6 +13,7 @@ last full window. Both give the same tokens while the text fits in the window.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -21,6 +22,7 @@ import numpy as np
 import minigrad as mg
 from minigrad import backend
 
+from .cli import add_debug_flag, run_tool
 from .model import GPT, KVCache
 from .loader import ModelDirError, load_model  # noqa: F401  (re-exported: notebooks import it from here)
 from .tokenizer import load_tokenizer
@@ -100,20 +102,44 @@ class _Stepper:
             self.cache.reorder(index)
 
 
+def check_decoding(strategy: str, temperature: float, top_k: int, top_p: float, num_beams: int,
+                   repetition_penalty: float, max_new_tokens: int, num_return_sequences: int) -> None:
+    """ValueError for any bad decoding option, whichever strategy uses it.
+
+    Every option is checked every time (a bad ``--temperature`` is an error with ``greedy`` too,
+    as a bad ``--top_p`` always was), so a typo never hides until the strategy changes.
+    """
+    def finite(v):
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if not (finite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature} (for argmax decoding use strategy greedy)")
+    if not (isinstance(top_k, (int, np.integer)) and top_k >= 1):
+        raise ValueError(f"top_k must be >= 1, got {top_k} (for no top-k filtering use strategy sample)")
+    if not (finite(top_p) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if not (finite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be > 0 (1: off, above 1: fewer repeats), got {repetition_penalty}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+    if strategy == "beam" and num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) cannot exceed num_beams ({num_beams})")
+
+
 @mg.no_grad()
 def generate_ids(model: GPT, prompt_ids, max_new_tokens: int = 100, strategy: str = "top_p",
                  temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9, num_beams: int = 4,
                  repetition_penalty: float = 1.0, num_return_sequences: int = 1, seed: int | None = None,
                  use_cache: bool = True, eos_id: int | None = None) -> list[list[int]]:
     """Token ids of ``num_return_sequences`` continuations (prompt included)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if temperature <= 0 and strategy in ("sample", "top_k", "top_p"):
-        raise ValueError(f"temperature must be > 0 for {strategy} (use strategy greedy for argmax), got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0 or num_return_sequences < 1:
-        raise ValueError("max_new_tokens must be >= 0 and num_return_sequences >= 1")
+    check_decoding(strategy, temperature, top_k, top_p, num_beams, repetition_penalty, max_new_tokens,
+                   num_return_sequences)
     prompt_ids = list(prompt_ids)
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
@@ -153,10 +179,6 @@ def generate_ids(model: GPT, prompt_ids, max_new_tokens: int = 100, strategy: st
 
 
 def _beam_search(model, prompt_ids, max_new_tokens, num_beams, num_return, penalty, use_cache, eos_id):
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if num_return > num_beams:
-        raise ValueError(f"num_return_sequences ({num_return}) cannot exceed num_beams ({num_beams})")
     seqs = [list(prompt_ids)]
     scores = np.zeros(1)
     stepper = _Stepper(model, use_cache)
@@ -200,25 +222,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--skip_unknown", action="store_true",
+                   help="drop prompt characters the tokenizer does not know instead of stopping with an error")
+    add_debug_flag(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_tool(lambda: _main(args), debug=args.debug)
+
+
+def _main(args) -> int:
+    # every option first, then the device, then the model: nothing is loaded for a bad value
+    check_decoding(args.strategy, args.temperature, args.top_k, args.top_p, args.num_beams,
+                   args.repetition_penalty, args.max_new_tokens, args.num_return_sequences)
     try:
-        model, tok = load_model(args.model_dir, args.device)
+        device = backend.check_device(args.device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {args.device}: {e}") from None
+    model, tok = load_model(args.model_dir, device)
+    try:
+        ids = tok.encode(args.prompt, errors="ignore") if args.skip_unknown else tok.encode(args.prompt)
+    except TypeError:   # a tokenizer that knows every input (byte-level BPE) takes no errors=
         ids = tok.encode(args.prompt)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    try:
-        outs = generate_ids(model, ids, args.max_new_tokens, args.strategy, args.temperature, args.top_k,
-                            args.top_p, args.num_beams, args.repetition_penalty, args.num_return_sequences,
-                            args.seed, use_cache=not args.no_cache)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--prompt: {e}") from None
+    t0 = time.perf_counter()
+    outs = generate_ids(model, ids, args.max_new_tokens, args.strategy, args.temperature, args.top_k,
+                        args.top_p, args.num_beams, args.repetition_penalty, args.num_return_sequences,
+                        args.seed, use_cache=not args.no_cache)
     dt = time.perf_counter() - t0
     for i, s in enumerate(outs):
         if len(outs) > 1:

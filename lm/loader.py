@@ -22,7 +22,7 @@ import os
 
 from minigrad.io import load_file
 
-from .config import ModelConfig
+from .config import Config, ConfigError, ModelConfig, _apply_section, validate
 from .model import GPT
 from .tokenizer import load_tokenizer
 
@@ -39,8 +39,11 @@ def read_config(model_dir: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             conf = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelDirError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ModelDirError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{path} is not valid JSON ({e}); it is the model folder's config, written "
+                            f"by lm.train: restore it or train again") from None
     if not isinstance(conf, dict):
         raise ModelDirError(f"{path} does not hold a JSON object")
     return conf
@@ -52,10 +55,13 @@ def model_config_from(conf: dict, path: str = "config.json") -> ModelConfig:
     section = conf.get("model")
     if not isinstance(section, dict):
         raise ModelDirError(f"{path} has no 'model' section")
-    try:
-        return ModelConfig(**{k: v for k, v in section.items() if k in known})
-    except TypeError as e:
-        raise ModelDirError(f"{path}: {e}") from None
+    cfg = Config()
+    try:   # the values get the same type and range checks as a YAML config's
+        _apply_section(cfg.model, "model", {k: v for k, v in section.items() if k in known}, path)
+        validate(cfg)
+    except ConfigError as e:
+        raise ModelDirError(f"{path}: {e}" if path not in str(e) else str(e)) from None
+    return cfg.model
 
 
 # --------------------------------------------------------------------------- kinds
@@ -67,8 +73,14 @@ def _load_minigrad(model_dir: str, conf: dict, device: str):
     for name in ("model.safetensors", "tokenizer.json"):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise ModelDirError(f"{model_dir} has no {name}: is it the 'model' folder written by lm.train?")
-    model = GPT(model_config_from(conf, os.path.join(model_dir, "config.json")))
-    model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")))
+    config_path = os.path.join(model_dir, "config.json")
+    weights_path = os.path.join(model_dir, "model.safetensors")
+    model = GPT(model_config_from(conf, config_path))
+    try:
+        model.load_state_dict(load_file(weights_path))
+    except KeyError as e:   # StateDictError: the weights are another architecture's
+        detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:3])
+        raise ModelDirError(f"{weights_path} does not match the model {config_path} describes ({detail})") from None
     model.eval().to(device)
     return model, load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
 

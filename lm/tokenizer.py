@@ -150,7 +150,8 @@ class CharTokenizer(Tokenizer):
         return ValueError(
             f"text contains {len(unknown)} character(s) not in the vocabulary: {shown}{more}. "
             f"This tokenizer was trained on a corpus without them; retrain it on text that "
-            f"includes them, or pass errors='ignore' to drop them."
+            f"includes them, or drop them (encode(..., errors='ignore'); on the lm.generate command "
+            f"line: --skip_unknown)."
         )
 
     def encode(self, text: str, errors: str = "strict") -> list[int]:

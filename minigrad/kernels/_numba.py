@@ -9,31 +9,58 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
+
+
+def _writable(folder: str) -> bool:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".minigrad-probe-", delete=True)
+        probe.close()
+        return True
+    except OSError:
+        return False
+
+
+def _fallbacks() -> list:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [os.path.join(base, "minigrad", "numba"), os.path.join(tempfile.gettempdir(), "minigrad-numba")]
 
 
 def _pick_cache_dir() -> str | None:
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return os.environ["NUMBA_CACHE_DIR"]
+    """The folder for Numba's cache; None: beside the sources. A user's unwritable
+    NUMBA_CACHE_DIR is replaced by a writable one, with one warning: a cache is a shortcut."""
+    asked = os.environ.get("NUMBA_CACHE_DIR")
+    if asked:
+        if _writable(asked):
+            return asked
+        for cand in _fallbacks():
+            if _writable(cand):
+                warnings.warn(f"NUMBA_CACHE_DIR={asked} is not writable; caching compiled kernels in "
+                              f"{cand} instead", RuntimeWarning, stacklevel=2)
+                return cand
+        warnings.warn(f"NUMBA_CACHE_DIR={asked} is not writable, nor any fallback: kernels are compiled "
+                      f"in every process", RuntimeWarning, stacklevel=2)
+        return None
     here = os.path.dirname(os.path.abspath(__file__))
     if os.access(here, os.W_OK):
         return None  # Numba writes __pycache__ beside the source: fine
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    for cand in (os.path.join(base, "minigrad", "numba"),
-                 os.path.join(tempfile.gettempdir(), "minigrad-numba")):
-        try:
-            os.makedirs(cand, exist_ok=True)
-            if os.access(cand, os.W_OK):
-                return cand
-        except OSError:
-            continue
+    for cand in _fallbacks():
+        if _writable(cand):
+            return cand
     return None
 
 
 try:
+    _asked = os.environ.get("NUMBA_CACHE_DIR")
     _dir = _pick_cache_dir()
     if _dir is not None:
-        os.environ.setdefault("NUMBA_CACHE_DIR", _dir)
+        os.environ["NUMBA_CACHE_DIR"] = _dir
+    elif _asked:   # nowhere to write: no cache rather than a failing import
+        del os.environ["NUMBA_CACHE_DIR"]
     import numba  # noqa: E402
+    if _dir is not None and _dir != _asked and getattr(numba.config, "CACHE_DIR", _dir) != _dir:
+        numba.config.CACHE_DIR = _dir   # numba was imported before us and read the old value
     HAVE_NUMBA = True
 except Exception:  # pragma: no cover - depends on the install
     numba = None
