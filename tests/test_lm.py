@@ -225,6 +225,102 @@ def test_seed_makes_runs_repeatable(tmp_path, corpus):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_seed_changes_the_initial_weights_and_the_batches(tmp_path, corpus, monkeypatch):
+    """--seed reaches both the initialisation and the batch order (same seed: same run, above)."""
+    seen = {}
+    real = lt.get_batch
+
+    def spy(data, batch_size, block_size, rng):
+        x, y = real(data, batch_size, block_size, rng)
+        seen.setdefault(current, []).append(x.copy())
+        return x, y
+    monkeypatch.setattr(lt, "get_batch", spy)
+    for current in ("3", "4"):
+        argv = tiny_args(corpus, tmp_path / current, "train.eval_interval=50", iters=2)
+        argv[argv.index("--seed") + 1] = current
+        assert lt.main(argv) == 0
+    a = load_file(str(tmp_path / "3" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "4" / "model" / "model.safetensors"))
+    w = "transformer.h.0.attn.c_attn.weight"
+    assert not np.array_equal(a[w], b[w])
+    n_eval = 2 * 2   # train.eval_iters=2 batches per split at step 0, then the training batches
+    for i in range(n_eval, n_eval + 2):
+        assert not np.array_equal(seen["3"][i], seen["4"][i]), i
+    for i in range(n_eval):    # evaluation batches are seeded too
+        assert not np.array_equal(seen["3"][i], seen["4"][i]), i
+    mg.manual_seed(3)
+    init = GPT(ModelConfig(**json.loads((tmp_path / "3" / "model" / "config.json").read_text())["model"]))
+    assert not np.array_equal(init.state_dict()[w], b[w])
+
+
+def test_sampling_depends_on_its_seed():
+    mg.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=30, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    for s in ("sample", "top_k", "top_p"):
+        a = gen.generate_ids(m, [1], 12, strategy=s, seed=5, num_return_sequences=2, top_k=20)
+        b = gen.generate_ids(m, [1], 12, strategy=s, seed=6, num_return_sequences=2, top_k=20)
+        assert a != b, s
+        assert a[0] != a[1], s    # the sequences of one call are not copies of each other
+
+
+def test_kv_cache_after_the_window_overflows_reads_the_newest_tokens():
+    """Past the context window the cached path must attend to the most recent tokens: at every
+    step its logits equal a full forward over some suffix of the text, never over its start."""
+    mg.manual_seed(0)
+    block = 8
+    m = GPT(ModelConfig(vocab_size=40, block_size=block, n_layer=2, n_head=2, n_embd=16)).eval()
+    seq = np.random.default_rng(1).integers(0, 40, (1, 30))
+    stepper = gen._Stepper(m, use_cache=True)
+    got = stepper.first(seq[:, :5])
+    for t in range(5, 30):
+        if t > 5:
+            got = stepper.next(seq[:, :t], seq[:, t - 1])
+        ctx = seq[:, :t]
+        suffix = [L for L in range(1, min(block, t) + 1)
+                  if np.allclose(got, m.logits_last(ctx[:, -L:]), rtol=1e-4, atol=1e-5)]
+        assert suffix, f"at length {t} the cached logits match no window of the newest tokens"
+
+
+def test_generation_with_cache_past_the_window_keeps_following_the_text():
+    """Greedy decoding with the cache, past the window, equals decoding where each step reads the
+    window the cache holds, built from the newest tokens (the documented 3/4-window refill)."""
+    mg.manual_seed(0)
+    block = 8
+    m = GPT(ModelConfig(vocab_size=30, block_size=block, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    out = gen.generate_ids(m, prompt, 20, strategy="greedy", use_cache=True)[0]
+    seq, n_ctx = list(prompt), min(len(prompt), block)
+    for _ in range(20):
+        seq.append(int(m.logits_last(np.array([seq[-n_ctx:]])).argmax()))
+        n_ctx = block - block // 4 if n_ctx + 1 > block else n_ctx + 1
+    assert out == seq
+
+
+def test_loss_png_draws_the_logged_losses(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert lt.main(tiny_args(corpus, out, "train.eval_interval=5", iters=12)) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    fig = lt.training_figure(str(out / "metrics.jsonl"))
+    a1, a2 = fig.axes[:2]
+    lines = {ln.get_label(): ln for ln in a1.lines}
+    np.testing.assert_allclose(lines["batch loss"].get_xdata(), [r["step"] for r in steps])
+    np.testing.assert_allclose(lines["batch loss"].get_ydata(), [r["loss"] for r in steps])
+    np.testing.assert_allclose(lines["val (eval)"].get_ydata(), [r["val_loss"] for r in evals])
+    np.testing.assert_allclose(lines["train (eval)"].get_xdata(), [r["step"] for r in evals])
+    np.testing.assert_allclose(a2.lines[0].get_ydata(), [r["grad_norm"] for r in steps])
+    # the PNG on disk is that figure: its pixels differ from the same axes with nothing drawn
+    import matplotlib.image as mpimg
+    png = mpimg.imread(str(out / "loss.png"))
+    for ax in (a1, a2):
+        for ln in list(ax.lines):
+            ln.remove()
+    fig.savefig(str(tmp_path / "empty.png"), dpi=110)
+    empty = mpimg.imread(str(tmp_path / "empty.png"))
+    assert png.shape == empty.shape and np.abs(png - empty).sum() > 100
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, capsys):
     out = tmp_path / "nan"
     rc = lt.main(tiny_args(corpus, out, "train.eval_interval=5", "train.learning_rate=1e30",

@@ -190,3 +190,53 @@ def test_plot_grad_norms_smoothed_lines(tmp_path):
     assert np.isnan(ax.lines[1].get_ydata()[5])                 # a non-finite point stays visible as a gap
     with pytest.raises(ValueError, match="smooth"):
         viz.plot_grad_norms(records, smooth=1.5)
+
+
+# --------------------------------------------------------------------------- what was drawn
+def _bars(ax):
+    from matplotlib.patches import Rectangle
+    return [p for p in ax.patches if isinstance(p, Rectangle)]
+
+
+def test_grad_norm_bars_have_the_norms_as_lengths():
+    norms = viz.grad_norms(_mlp_with_grads())
+    fig = viz.plot_grad_norms(norms)
+    ax = fig.axes[0]
+    bars = _bars(ax)
+    assert len(bars) == len(norms)
+    # one bar per parameter, first parameter on top (y = 0), its width the norm
+    by_y = sorted(bars, key=lambda b: b.get_y() + b.get_height() / 2)
+    np.testing.assert_allclose([b.get_width() for b in by_y], list(norms.values()), rtol=1e-12)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(norms)
+
+
+def test_grad_norm_bars_skip_only_what_a_log_axis_cannot_show():
+    fig = viz.plot_grad_norms({"a": 0.0, "b": float("nan"), "c": 2.0, "d": 1.0})
+    ax = fig.axes[0]
+    assert sorted(b.get_width() for b in _bars(ax)) == [1.0, 2.0]
+    assert {t.get_text().strip() for t in ax.texts} == {"0", "nan"}
+
+
+def test_grad_norm_lines_over_steps_carry_the_values():
+    records = [{"w": 1.0 / (s + 1), "b": 0.5} for s in range(10)]
+    fig = viz.plot_grad_norms(records, steps=range(0, 100, 10))
+    lines = {ln.get_label(): ln for ln in fig.axes[0].lines}
+    np.testing.assert_allclose(lines["w"].get_ydata(), [1.0 / (s + 1) for s in range(10)])
+    np.testing.assert_allclose(lines["w"].get_xdata(), list(range(0, 100, 10)))
+
+
+def test_grad_flow_bars_for_one_record():
+    from minigrad.gradstats import plot_grad_flow
+    rec = {"step": 1, "grad_norm": {"h.0": 0.5, "h.1": 2.0}, "update_ratio": {"h.0": 1e-3, "h.1": 4e-3}}
+    fig = plot_grad_flow(rec)
+    a1, a2 = fig.axes[:2]
+    assert sorted(b.get_width() for b in _bars(a1)) == [0.5, 2.0]
+    assert sorted(b.get_width() for b in _bars(a2)) == pytest.approx([1e-3, 4e-3])
+
+
+def test_loss_curve_lines_carry_the_values():
+    steps = np.arange(10)
+    fig = viz.plot_loss(steps, 3.0 - 0.1 * steps, val=[2.9, 2.5], val_steps=[0, 9])
+    train, val = fig.axes[0].lines[:2]
+    np.testing.assert_allclose(train.get_ydata(), 3.0 - 0.1 * steps)
+    np.testing.assert_allclose(val.get_xdata(), [0, 9])
