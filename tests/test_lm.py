@@ -224,6 +224,11 @@ def test_seed_makes_runs_repeatable(tmp_path, corpus):
     b = load_file(str(tmp_path / "b" / "checkpoint.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
+    def evals(d):   # evaluations are seeded too: the same batches, so the same losses
+        rows = [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        return [(r["train_loss"], r["val_loss"]) for r in rows if r.get("kind") == "eval"]
+    assert evals("a") == evals("b") and len(evals("a")) == 2
+
 
 def test_seed_changes_the_initial_weights_and_the_batches(tmp_path, corpus, monkeypatch):
     """--seed reaches both the initialisation and the batch order (same seed: same run, above)."""
