@@ -244,18 +244,23 @@ def test_seed_changes_the_initial_weights_and_the_batches(tmp_path, corpus, monk
         argv = tiny_args(corpus, tmp_path / current, "train.eval_interval=50", iters=2)
         argv[argv.index("--seed") + 1] = current
         assert lt.main(argv) == 0
-    a = load_file(str(tmp_path / "3" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "4" / "model" / "model.safetensors"))
-    w = "transformer.h.0.attn.c_attn.weight"
-    assert not np.array_equal(a[w], b[w])
     n_eval = 2 * 2   # train.eval_iters=2 batches per split at step 0, then the training batches
     for i in range(n_eval, n_eval + 2):
         assert not np.array_equal(seen["3"][i], seen["4"][i]), i
     for i in range(n_eval):    # evaluation batches are seeded too
         assert not np.array_equal(seen["3"][i], seen["4"][i]), i
+    # no step at all: the saved weights are the initial ones, those minigrad.manual_seed(seed) gives
+    init = {}
+    for current in ("3", "4"):
+        argv = tiny_args(corpus, tmp_path / f"init{current}", iters=0)
+        argv[argv.index("--seed") + 1] = current
+        assert lt.main(argv) == 0
+        init[current] = load_file(str(tmp_path / f"init{current}" / "model" / "model.safetensors"))
+    w = "transformer.h.0.attn.c_attn.weight"
+    assert not np.array_equal(init["3"][w], init["4"][w])
     mg.manual_seed(3)
-    init = GPT(ModelConfig(**json.loads((tmp_path / "3" / "model" / "config.json").read_text())["model"]))
-    assert not np.array_equal(init.state_dict()[w], b[w])
+    fresh = GPT(ModelConfig(**json.loads((tmp_path / "init3" / "model" / "config.json").read_text())["model"]))
+    assert all(np.array_equal(v, init["3"][k]) for k, v in fresh.state_dict().items())
 
 
 def test_sampling_depends_on_its_seed():
