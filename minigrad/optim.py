@@ -164,9 +164,14 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"{type(self).__name__}: invalid hyperparameters lr={lr}, betas={betas}, "
-                             f"eps={eps}, weight_decay={weight_decay}")
+        # name only what is wrong: a default the caller never set (weight_decay, with per-group
+        # values) must not appear in the message as if it had been configured
+        bad = [f"{k}={v}" for k, v, ok in (("lr", lr, lr >= 0), ("eps", eps, eps >= 0),
+                                           ("weight_decay", weight_decay, weight_decay >= 0),
+                                           ("betas", tuple(betas), all(0 <= b < 1 for b in betas))) if not ok]
+        if bad:
+            raise ValueError(f"{type(self).__name__}: invalid {', '.join(bad)} (lr, eps, weight_decay >= 0; "
+                             f"betas in [0, 1))")
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
     def _update(self, group, name, p, g, state):

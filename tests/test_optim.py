@@ -399,3 +399,13 @@ def test_constructor_errors():
         SGD(named, lr=-1.0)
     with pytest.raises(ValueError):
         Adam(named, betas=(0.9, 1.0))
+
+
+def test_adam_error_names_only_the_bad_value():
+    import minigrad as _mg
+    from minigrad import nn as _nn
+    m = _nn.Linear(2, 2)
+    groups = [{"params": list(m.named_parameters()), "weight_decay": 0.1}]
+    with pytest.raises(ValueError) as e:
+        _mg.optim.AdamW(groups, betas=(1.5, 0.99))
+    assert "betas=(1.5, 0.99)" in str(e.value) and "weight_decay=" not in str(e.value)
