@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 DEBUG_ENV = "LM_DEBUG"
 DEBUG_HINT = f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
@@ -68,6 +69,9 @@ def run_tool(body, debug: bool = False, on_interrupt=None) -> int:
     ``on_interrupt(exc)`` returns the line to print on Ctrl-C (how to continue), or None.
     """
     debug = debug_wanted(debug)
+    fmt = warnings.formatwarning
+    if not debug:   # a warning is one line too ("warning: ..."), not a file name and a source line
+        warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
         rc = body()
         return 0 if rc is None else int(rc)
@@ -81,3 +85,5 @@ def run_tool(body, debug: bool = False, on_interrupt=None) -> int:
         if debug:
             raise
         return fail(describe(e), getattr(e, "code", EXIT_ERROR) if isinstance(e, ToolError) else EXIT_ERROR)
+    finally:
+        warnings.formatwarning = fmt

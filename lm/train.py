@@ -648,10 +648,17 @@ def main(argv=None) -> int:
         train(cfg, args.output_dir, resume=args.resume, given=given, overwrite=args.overwrite)
 
     def on_interrupt(e):
-        if not isinstance(e, TrainingInterrupted) or e.saved_step is None:
+        ckpt_path = os.path.join(args.output_dir, CHECKPOINT)
+        step, saved = (e.step, e.saved_step) if isinstance(e, TrainingInterrupted) else (-1, None)
+        if saved is None and args.resume and os.path.isfile(ckpt_path):   # stopped before training began
+            try:
+                saved = int(load_metadata(ckpt_path)["step"])
+            except (OSError, ValueError, KeyError):
+                saved = None
+        if saved is None:
             return "nothing was saved yet; run the same command again to start over"
-        at = f" at step {e.step}" if e.step >= 0 else ""
-        return (f"stopped{at}; the last save is at step {e.saved_step} ({e.ckpt_path}). "
+        at = f" at step {step}" if step >= 0 else ""
+        return (f"stopped{at}; the last save is at step {saved} ({ckpt_path}). "
                 f"Continue with: {resume_command(argv)}")
 
     return run_tool(body, debug=args.debug, on_interrupt=on_interrupt)
