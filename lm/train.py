@@ -259,7 +259,7 @@ def remove_stale_tmp(output_dir: str, log=print) -> int:
             continue
         for name in os.listdir(folder):
             m = _TMP_RE.match(name)
-            if m and m.group("target") in ours:
+            if (m and m.group("target") in ours) or name == "loss.png.tmp.png":   # plot_training's
                 path = os.path.join(folder, name)
                 try:
                     size = os.path.getsize(path)

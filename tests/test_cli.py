@@ -205,7 +205,8 @@ def test_stale_tmp_files_removed_at_next_start(trained, tmp_path):
     out = tmp_path / "o"
     (out / "model").mkdir(parents=True)
     (out / "checkpoint.safetensors").write_bytes((src / "checkpoint.safetensors").read_bytes())
-    stale = [out / ".checkpoint.safetensors.k2j4h5ab.tmp", out / "model" / ".model.safetensors.x9y8z7w6.tmp"]
+    stale = [out / ".checkpoint.safetensors.k2j4h5ab.tmp", out / "model" / ".model.safetensors.x9y8z7w6.tmp",
+             out / ".metrics.jsonl.ab12cd34.tmp", out / "loss.png.tmp.png"]
     for p in stale:
         p.write_bytes(b"\0" * 1000)
     mine = out / ".notes.txt.abcd1234.tmp"   # not a temporary file of ours: kept
@@ -394,3 +395,16 @@ def test_matmul_rate_command(capsys):
     assert "GFLOP/s" in capsys.readouterr().out
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     assert "python -m minigrad.speed" in readme
+
+
+def test_unwritable_cache_is_one_warning_line_from_the_command(tmp_path, corpus):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = [a if not a.startswith("data.cache_dir=") else f"data.cache_dir={blocker}/cache"
+            for a in targs(corpus, tmp_path / "o", iters=2)]
+    r = subprocess.run([sys.executable, "-m", "lm.train", *argv], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT), cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    warn = [ln for ln in r.stderr.splitlines() if "cache" in ln]
+    assert len(warn) == 1 and warn[0].startswith("warning: could not write the token cache"), r.stderr
+    assert "Traceback" not in r.stderr
