@@ -231,7 +231,7 @@ def validate(cfg: Config) -> None:
     need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "in (0, 1)", d.val_fraction)
     need(t.max_iters >= 0, "train.max_iters", ">= 0", t.max_iters)
     for name, v in (("train.warmup_iters", t.warmup_iters), ("train.lr_decay_iters", t.lr_decay_iters),
-                    ("train.sample_tokens", t.sample_tokens)):
+                    ("train.sample_tokens", t.sample_tokens), ("train.seed", t.seed)):
         need(v >= 0, name, ">= 0", v)
     finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731
     need(finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", "a positive number",

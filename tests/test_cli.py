@@ -73,6 +73,7 @@ def trained(tmp_path_factory):
     (["train.weight_decay=-0.1"], ["train.weight_decay"]),
     (["--device", "gpu"], ["device", "gpu"]),
     (["model.block_size=100000"], ["block_size", "tokens"]),
+    (["--seed", "-1"], ["train.seed", "-1"]),
 ])
 def test_train_bad_values_one_error_and_no_folder(tmp_path, corpus, capsys, extra, words):
     out = tmp_path / "out"
@@ -408,3 +409,17 @@ def test_unwritable_cache_is_one_warning_line_from_the_command(tmp_path, corpus)
     warn = [ln for ln in r.stderr.splitlines() if "cache" in ln]
     assert len(warn) == 1 and warn[0].startswith("warning: could not write the token cache"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_unwritable_home_trains_with_warnings(tmp_path, corpus):
+    """HOME in a place nobody can write (here: under a file), no cache variables set: training works."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    env = {k: v for k, v in os.environ.items() if k not in ("LM_DATA_DIR", "XDG_CACHE_HOME", "NUMBA_CACHE_DIR")}
+    env.update(HOME=str(blocker / "home"), PYTHONPATH=ROOT, MPLCONFIGDIR=str(tmp_path / "mpl"))
+    argv = [a for a in targs(corpus, tmp_path / "o", iters=2) if not a.startswith("data.cache_dir=")]
+    r = subprocess.run([sys.executable, "-m", "lm.train", *argv], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("warning: could not write the token cache") == 1
+    assert (tmp_path / "o" / "model" / "model.safetensors").is_file()
