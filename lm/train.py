@@ -45,7 +45,7 @@ from minigrad.io import atomic_write_text, load_file, load_metadata, save_file
 
 from .cli import ToolError, add_debug_flag, run_tool
 from .config import Config, ConfigError, ModelConfig, apply_overrides, keys_set_by, load_config, validate
-from .data import CorpusError, get_batch, prepare_data
+from .data import get_batch, prepare_data
 from .model import GPT
 from .probes import StepProbe
 

@@ -13,7 +13,6 @@ from lm import cli
 from lm import generate as gen
 from lm import train as lt
 from lm.data import CacheWarning, prepare_data
-from minigrad.io import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
