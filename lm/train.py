@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (overrides train.device)")
     p.add_argument("--max_iters", type=int, default=None, help="overrides train.max_iters")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    from .knn import add_memory_args
+    add_memory_args(p, writable=False)   # --memory STORE: evaluations also report val loss with the memory
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. model.n_layer=2 train.learning_rate=3e-4")
     return p
@@ -158,11 +160,13 @@ def _dev(a, cfg):
 
 
 # --------------------------------------------------------------------------- training
-def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callback=None) -> dict:
+def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callback=None, memory=None) -> dict:
     """Run training; returns a summary dict (losses, steps, timings).
 
     ``callback(step, loss)``, if given, is called after every optimizer step (notebooks
-    use it for live plots; tests use it to interrupt a run).
+    use it for live plots; tests use it to interrupt a run). ``memory(model)``, if given,
+    returns an ``lm.knn.KNNLM`` whose validation loss each evaluation also reports (while the
+    weights are those its datastore was built with).
     """
     t_cfg, m_cfg = cfg.train, cfg.model
     backend.keep_freed_memory()   # reuse freed arrays' memory: about 25% faster steps (see backend)
@@ -209,7 +213,8 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     if resume:
         step, batch_rng, best_val = load_checkpoint(ckpt_path, model, opt)
         log(f"resumed from {ckpt_path} at step {step}")
-    else:
+    knn = memory(model) if memory is not None else None   # checks the store was built by these weights
+    if not resume:
         open(metrics_path, "w").close()
         save_model_dir(model_dir, model, data.tokenizer, cfg)   # config and tokenizer exist from the start
     n_params = model.num_params()
@@ -235,12 +240,21 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
             is_last = step >= t_cfg.max_iters
             if step % t_cfg.eval_interval == 0 or is_last:
                 losses = estimate_loss(model, data, cfg, eval_seed)
+                if knn is not None:   # the same val batches, with the memory (None once the weights moved on)
+                    v = knn.estimate_loss(model, data.val, t_cfg.batch_size, m_cfg.block_size, t_cfg.eval_iters,
+                                          eval_seed, log=log)
+                    if v is not None:
+                        losses["val_memory"] = v
                 last_eval = losses
                 history["eval"].append((step, losses["train"], losses["val"]))
                 mlog.write(json.dumps({"kind": "eval", "step": step, "train_loss": losses["train"],
-                                       "val_loss": losses["val"]}) + "\n")
+                                       "val_loss": losses["val"],
+                                       **({"val_loss_memory": losses["val_memory"]} if "val_memory" in losses
+                                          else {})}) + "\n")
                 mlog.flush()
                 msg = f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                if "val_memory" in losses:
+                    msg += f", val loss with memory {losses['val_memory']:.4f}"
                 if pbar is not None:
                     pbar.write(msg)
                 else:
@@ -305,6 +319,8 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     summary = {"steps": step, "train_loss": last_eval["train"] if last_eval else None,
                "val_loss": last_eval["val"] if last_eval else None, "best_val_loss": best_val,
                "wall_s": wall, "ms_per_step": ms, "n_params": n_params, "model_dir": model_dir}
+    if last_eval and "val_memory" in last_eval:
+        summary["val_loss_memory"] = last_eval["val_memory"]
     atomic_write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2))
     log(f"done: {step} steps in {wall:.1f} s ({ms:.1f} ms/step median), "
         f"val loss {summary['val_loss']:.4f}; model in {model_dir}")
@@ -358,10 +374,13 @@ def plot_training(metrics_path: str, png_path: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .knn import StoreError, check_memory_args, knn_from_args
     try:
         cfg = resolve_config(args)
-        train(cfg, args.output_dir, resume=args.resume)
-    except (ConfigError, CorpusError, FileNotFoundError) as e:
+        check_memory_args(args)
+        memory = (lambda model: knn_from_args(args, model)) if args.memory else None
+        train(cfg, args.output_dir, resume=args.resume, memory=memory)
+    except (ConfigError, CorpusError, FileNotFoundError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
