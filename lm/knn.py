@@ -224,6 +224,11 @@ class Datastore:
         return len(self.keys)
 
     @property
+    def memory_mapped(self) -> bool:
+        """True when the keys are read from the file on demand (not loaded into memory)."""
+        return self._mm is not None
+
+    @property
     def dim(self) -> int:
         return self.keys.shape[1]
 
@@ -548,11 +553,20 @@ def score(model, sources, tokens, k: int, batch_size: int = 16, stride: int | No
           progress: bool = False) -> dict:
     """Per position of ``tokens``: the LM's log p(next), the k nearest neighbours' distances and tokens."""
     knn = KNNLM(sources, 0.5, k)
-    lp, d, tok, y = [], [], [], []
+    lp, d, tok, y, pending = [], [], [], [], []
+
+    def search():   # one search per batch of windows: every pass over the keys serves many queries
+        dd, tt = knn.neighbours(np.concatenate(pending), k)
+        d.append(dd), tok.append(tt)
+        pending.clear()
+
     for h, yy, lpy in hidden_states(model, tokens, batch_size, stride, logprobs=True, progress=progress,
                                     desc="score"):
-        dd, tt = knn.neighbours(h, k)
-        lp.append(lpy), d.append(dd), tok.append(tt), y.append(yy)
+        pending.append(h), lp.append(lpy), y.append(yy)
+        if sum(map(len, pending)) >= 2048:
+            search()
+    if pending:
+        search()
     return {"lm_lp": np.concatenate(lp), "dist": np.concatenate(d), "tok": np.concatenate(tok),
             "y": np.concatenate(y), "metric": knn.metric}
 
