@@ -576,7 +576,7 @@ def loss_from_scores(s: dict, lam: float, k: int, temperature: float) -> float:
                                 s["metric"]).mean())
 
 
-LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+LAMBDAS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 KS = (1, 4, 8, 16, 32, 64)
 TEMPERATURE_SCALES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
