@@ -265,6 +265,20 @@ def test_cli_build_then_generate_every_strategy(tiny, capsys):
         assert gen.main(base + ["--strategy", "top_k", "--memory", out, "--knn_index", "ivf", "--knn_nprobe", "4"]) == 0
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "top_k", "top_p", "beam"])
+def test_every_strategy_decodes_from_the_memory(tiny, strategy):
+    """lambda = 1 and a memory holding one token: every strategy can only produce that token."""
+    model, tok = load_model(tiny["model_dir"])
+    ids = tok.encode("the cat")
+    with mg.no_grad():
+        lm_choice = int(model.logits_last(np.array([ids]))[0].argmin())   # the token the LM likes least
+    mem = knn.Memory(model.config.n_embd, max_size=4)
+    mem.add(np.zeros((1, model.config.n_embd)), [lm_choice])
+    out = gen.generate_ids(model, ids, 6, strategy, temperature=1.0, seed=0, num_beams=2,
+                           knn=knn.KNNLM(mem, lam=1.0, k=1))
+    assert out[0][len(ids):] == [lm_choice] * 6
+
+
 def test_cli_memory_add_and_bad_input(tiny, tmp_path, capsys):
     out = _build(tiny, "store_cli")
     doc = tmp_path / "doc.txt"
