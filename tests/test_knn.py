@@ -368,3 +368,23 @@ def test_cli_tune_saves_choice_and_train_reports_memory_loss(tiny, capsys):
     assert "val loss with memory" in capsys.readouterr().out
     assert lt.main(resume + ["--memory", out, "--knn_lambda", "2"]) == 2
     assert "[0, 1]" in capsys.readouterr().err
+
+
+def test_calib_capture_hands_over_each_forward_and_removes_its_hooks():
+    from minigrad.calib import capture
+    from lm.config import ModelConfig
+    mg.manual_seed(0)
+    model = lt.GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    x = np.random.default_rng(0).integers(0, 11, (2, 8))
+    with mg.no_grad(), capture(model, ["transformer.ln_f", "lm_head"], what="input") as seen_in, \
+            capture(model, "transformer.ln_f") as seen_out:
+        logits, _ = model(x, x)
+        assert seen_in["transformer.ln_f"].shape == (2, 8, 8)
+        # ln_f's output is the head's input
+        np.testing.assert_array_equal(seen_out["transformer.ln_f"], seen_in["lm_head"])
+        model(x[:1, :3])
+        assert seen_out["transformer.ln_f"].shape == (1, 3, 8)       # overwritten by the latest forward
+    assert not model.transformer.ln_f._forward_hooks and not model.lm_head._forward_hooks
+    with pytest.raises(ValueError, match="no module"):
+        with capture(model, "nothing"):
+            pass
