@@ -107,11 +107,10 @@ def main(argv=None) -> int:
         print(json.dumps(rss_child(args.rss_child[0], args.rss_child[1] == "1", int(args.rss_child[2]))))
         return 0
 
-    import minigrad as mg
     from lm import knn
     from lm.data import prepare_data
     from lm.generate import generate_ids
-    from lm.knn_index import FaissIndex, exact_search, faiss_available
+    from lm.knn_index import FaissIndex, faiss_available
     from lm.loader import load_model, read_config
 
     model_dir = args.model_dir or reference_model_dir(args.data)
@@ -205,7 +204,6 @@ def main(argv=None) -> int:
 
     # ---- 4. search speed over the whole store
     speed = []
-    rng = np.random.default_rng(0)
     # the queries decoding makes: hidden states of validation text (not stored keys, which IVF finds too easily)
     qpool = np.concatenate([h for h, _ in knn.hidden_states(model, val[half // 2:half // 2 + 513])])[:512]
     for b in (1, 16, 256):
