@@ -388,3 +388,21 @@ def test_calib_capture_hands_over_each_forward_and_removes_its_hooks():
     with pytest.raises(ValueError, match="no module"):
         with capture(model, "nothing"):
             pass
+
+
+def test_train_memory_loss_stops_when_the_weights_move_on(tiny, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny["dir"] / "run", run)
+    out = _build(tiny, "store_stale")
+    resume = ["--data", tiny["corpus"], "--output_dir", str(run), "--resume", "--seed", "3", *TINY,
+              f"data.cache_dir={tiny['dir']}/cache", "--memory", out, "--knn_k", "4"]
+    capsys.readouterr()
+    assert lt.main(resume + ["--max_iters", "14"]) == 0      # two more steps, then the last evaluation
+    assert "keys are stale" in capsys.readouterr().out
+    last = [json.loads(l) for l in open(run / "metrics.jsonl") if '"eval"' in l][-1]
+    assert last["step"] == 14 and "val_loss_memory" not in last
+    # a fresh run starts from other weights than the store's: a clear error before training
+    assert lt.main(["--data", tiny["corpus"], "--output_dir", str(tmp_path / "fresh"), "--max_iters", "2", *TINY,
+                    f"data.cache_dir={tiny['dir']}/cache", "--memory", out]) == 2
+    assert "another model" in capsys.readouterr().err
