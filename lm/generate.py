@@ -13,6 +13,7 @@ last full window. Both give the same tokens while the text fits in the window.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -74,10 +75,15 @@ def filter_top_p(logits, p: float):
 class _Stepper:
     """Feeds tokens to the model, with or without a KV cache, cropping to the window."""
 
-    def __init__(self, model: GPT, use_cache: bool):
+    def __init__(self, model: GPT, use_cache: bool, knn=None):
         self.model, self.use_cache = model, use_cache
         self.block = model.config.block_size
         self.cache = None
+        self.knn = knn   # lm.knn.KNNLM: the logits become kNN-LM log-probabilities
+
+    def _out(self, logits):
+        z = backend.to_numpy(logits)
+        return z if self.knn is None else self.knn.mix(z)
 
     def _prefill(self, seqs):
         ctx = np.asarray(seqs)[:, -self.block:]
@@ -87,15 +93,15 @@ class _Stepper:
         return self.model.logits_last(ctx, self.cache)
 
     def first(self, seqs):
-        return backend.to_numpy(self._prefill(seqs))
+        return self._out(self._prefill(seqs))
 
     def next(self, seqs, new_tokens):
         if not self.use_cache:
-            return backend.to_numpy(self.model.logits_last(np.asarray(seqs)[:, -self.block:]))
+            return self._out(self.model.logits_last(np.asarray(seqs)[:, -self.block:]))
         if self.cache.pos + 1 > self.block:
             keep = self.block - self.block // 4
-            return backend.to_numpy(self._prefill(np.asarray(seqs)[:, -keep:]))
-        return backend.to_numpy(self.model.logits_last(np.asarray(new_tokens)[:, None], self.cache))
+            return self._out(self._prefill(np.asarray(seqs)[:, -keep:]))
+        return self._out(self.model.logits_last(np.asarray(new_tokens)[:, None], self.cache))
 
     def reorder(self, index):
         if self.cache is not None:
@@ -136,8 +142,12 @@ def check_decoding(strategy: str, temperature: float, top_k: int, top_p: float, 
 def generate_ids(model: GPT, prompt_ids, max_new_tokens: int = 100, strategy: str = "top_p",
                  temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9, num_beams: int = 4,
                  repetition_penalty: float = 1.0, num_return_sequences: int = 1, seed: int | None = None,
-                 use_cache: bool = True, eos_id: int | None = None) -> list[list[int]]:
-    """Token ids of ``num_return_sequences`` continuations (prompt included)."""
+                 use_cache: bool = True, eos_id: int | None = None, knn=None) -> list[list[int]]:
+    """Token ids of ``num_return_sequences`` continuations (prompt included).
+
+    ``knn``: an ``lm.knn.KNNLM``; every strategy then decodes from the model's distribution
+    mixed with its memory's (kNN-LM).
+    """
     check_decoding(strategy, temperature, top_k, top_p, num_beams, repetition_penalty, max_new_tokens,
                    num_return_sequences)
     prompt_ids = list(prompt_ids)
@@ -145,14 +155,17 @@ def generate_ids(model: GPT, prompt_ids, max_new_tokens: int = 100, strategy: st
         raise ValueError("the prompt is empty: give at least one token")
     was_training = model.training
     model.eval()
+    hooked = contextlib.ExitStack()   # the kNN-LM's hook on ln_f, removed on the way out
+    if knn is not None:
+        hooked.enter_context(knn.reading(model))
     try:
         if strategy == "beam":
             return _beam_search(model, prompt_ids, max_new_tokens, num_beams, num_return_sequences,
-                                repetition_penalty, use_cache, eos_id)
+                                repetition_penalty, use_cache, eos_id, knn)
         rng = np.random.default_rng(seed)
         n = num_return_sequences
         seqs = [list(prompt_ids) for _ in range(n)]
-        stepper = _Stepper(model, use_cache)
+        stepper = _Stepper(model, use_cache, knn)
         logits = stepper.first(seqs) if max_new_tokens else None
         for i in range(max_new_tokens):
             z = apply_repetition_penalty(logits.astype(np.float64), seqs, repetition_penalty)
@@ -176,12 +189,13 @@ def generate_ids(model: GPT, prompt_ids, max_new_tokens: int = 100, strategy: st
         return seqs
     finally:
         model.train(was_training)
+        hooked.close()
 
 
-def _beam_search(model, prompt_ids, max_new_tokens, num_beams, num_return, penalty, use_cache, eos_id):
+def _beam_search(model, prompt_ids, max_new_tokens, num_beams, num_return, penalty, use_cache, eos_id, knn=None):
     seqs = [list(prompt_ids)]
     scores = np.zeros(1)
-    stepper = _Stepper(model, use_cache)
+    stepper = _Stepper(model, use_cache, knn)
     if max_new_tokens == 0:
         return [list(prompt_ids) for _ in range(num_return)]
     logits = stepper.first(seqs)
@@ -224,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context for every token")
     p.add_argument("--skip_unknown", action="store_true",
                    help="drop prompt characters the tokenizer does not know instead of stopping with an error")
+    from .knn import add_memory_args
+    add_memory_args(p)   # --memory --knn_lambda --knn_k --knn_temperature --knn_index --memory_add ...
     add_debug_flag(p)
     return p
 
@@ -235,8 +251,10 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     # every option first, then the device, then the model: nothing is loaded for a bad value
+    from .knn import check_memory_args, knn_from_args
     check_decoding(args.strategy, args.temperature, args.top_k, args.top_p, args.num_beams,
                    args.repetition_penalty, args.max_new_tokens, args.num_return_sequences)
+    check_memory_args(args)   # StoreError (a ValueError): one error line through run_tool
     try:
         device = backend.check_device(args.device)
     except (RuntimeError, ValueError) as e:
@@ -248,10 +266,11 @@ def _main(args) -> int:
         ids = tok.encode(args.prompt)
     except ValueError as e:
         raise ValueError(f"--prompt: {e}") from None
+    knn = knn_from_args(args, model, tok, log=lambda m: print(m, file=sys.stderr))
     t0 = time.perf_counter()
     outs = generate_ids(model, ids, args.max_new_tokens, args.strategy, args.temperature, args.top_k,
                         args.top_p, args.num_beams, args.repetition_penalty, args.num_return_sequences,
-                        args.seed, use_cache=not args.no_cache)
+                        args.seed, use_cache=not args.no_cache, knn=knn)
     dt = time.perf_counter() - t0
     for i, s in enumerate(outs):
         if len(outs) > 1:

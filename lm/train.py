@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (overrides train.device)")
     p.add_argument("--max_iters", type=int, default=None, help="overrides train.max_iters")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    from .knn import add_memory_args
+    add_memory_args(p, writable=False)   # --memory STORE: evaluations also report val loss with the memory
     add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. model.n_layer=2 train.learning_rate=3e-4 (anywhere among the flags)")
@@ -379,11 +381,13 @@ class Progress:
 
 
 def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callback=None,
-          given: set | None = None, overwrite: bool = False) -> dict:
+          given: set | None = None, overwrite: bool = False, memory=None) -> dict:
     """Run training; returns a summary dict (losses, steps, timings).
 
     ``callback(step, loss)``, if given, is called after every optimizer step (notebooks
-    use it for live plots; tests use it to interrupt a run). ``given``: the config keys the
+    use it for live plots; tests use it to interrupt a run). ``memory(model)``, if given,
+    returns an ``lm.knn.KNNLM`` whose validation loss each evaluation also reports (while the
+    weights are those its datastore was built with). ``given``: the config keys the
     user set (``--resume`` refuses those that differ from the checkpoint's; None: none).
     ``overwrite``: delete an earlier run's files in output_dir once everything is checked.
     Everything is checked before output_dir is created; a run that fails before its first
@@ -434,7 +438,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     saved = {"step": None}
     try:
         return _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir,
-                      metrics_path)
+                      metrics_path, memory)
     except BaseException as e:
         if created and saved["step"] is None:
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -443,7 +447,8 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
         raise
 
 
-def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir, metrics_path):
+def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir, metrics_path,
+           memory=None):
     t_cfg, m_cfg = cfg.train, cfg.model
     resume = ckpt is not None
     remove_stale_tmp(output_dir, log)
@@ -463,7 +468,8 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
         rerun_eval = step % t_cfg.eval_interval == 0 or step >= t_cfg.max_iters
         wall_before = trim_metrics(metrics_path, step, keep_eval_at_step=not rerun_eval)
         log(f"resumed from {ckpt_path} at step {step}")
-    else:
+    knn = memory(model) if memory is not None else None   # checks the store was built by these weights
+    if not resume:
         open(metrics_path, "w").close()
         save_model_dir(model_dir, model, data.tokenizer, cfg)   # config and tokenizer exist from the start
     n_params = model.num_params()
@@ -490,13 +496,22 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                 if step % t_cfg.eval_interval == 0 or is_last:
                     t_eval = time.perf_counter()
                     losses = estimate_loss(model, data, cfg, eval_seed)
+                    if knn is not None:   # the same val batches, with the memory (None once the weights moved on)
+                        v = knn.estimate_loss(model, data.val, t_cfg.batch_size, m_cfg.block_size,
+                                              t_cfg.eval_iters, eval_seed, log=log)
+                        if v is not None:
+                            losses["val_memory"] = v
                     last_eval = losses
                     history["eval"].append((step, losses["train"], losses["val"]))
                     mlog.write(json.dumps({"kind": "eval", "step": step, "train_loss": losses["train"],
                                            "val_loss": losses["val"],
+                                           **({"val_loss_memory": losses["val_memory"]} if "val_memory" in losses
+                                              else {}),
                                            "wall_s": wall_before + time.perf_counter() - t_start}) + "\n")
                     mlog.flush()
                     msg = f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                    if "val_memory" in losses:
+                        msg += f", val loss with memory {losses['val_memory']:.4f}"
                     if pbar.bar is not None:
                         pbar.write(msg)
                     else:
@@ -570,6 +585,8 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                "val_loss": last_eval["val"] if last_eval else None, "best_val_loss": best_val,
                "wall_s": wall, "wall_s_this_part": wall_part, "resumed": resume,
                "ms_per_step": ms, "n_params": n_params, "model_dir": model_dir}
+    if last_eval and "val_memory" in last_eval:
+        summary["val_loss_memory"] = last_eval["val_memory"]
     atomic_write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2))
     log(f"done: {step} steps in {wall:.1f} s ({ms:.1f} ms/step median), "
         f"val loss {summary['val_loss']:.4f}; model in {model_dir}")
@@ -640,12 +657,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def body():
+        from .knn import check_memory_args, knn_from_args
         cfg = resolve_config(args)
+        check_memory_args(args)   # a bad flag or missing store: StoreError, one error line (run_tool)
+        memory = (lambda model: knn_from_args(args, model)) if args.memory else None
         check_output_dir(args.output_dir, args.resume, args.overwrite)
         given = keys_set_by(args.config, args.overrides)
         if args.data is not None:
             given.add("data.corpus")
-        train(cfg, args.output_dir, resume=args.resume, given=given, overwrite=args.overwrite)
+        train(cfg, args.output_dir, resume=args.resume, given=given, overwrite=args.overwrite,
+              memory=memory)
 
     def on_interrupt(e):
         ckpt_path = os.path.join(args.output_dir, CHECKPOINT)

@@ -14,9 +14,18 @@ Statistics are accumulated in float64 on the host, one row per token (every lead
 of the input is flattened), and nothing is kept of the activations themselves, so memory is
 O(in_features^2) per module whatever the number of batches. The model runs under
 ``no_grad`` in eval mode, and the hooks are removed afterwards even when a batch fails.
+
+Where the activations themselves are wanted (the kNN datastore keeps every position's final
+hidden state), ``capture`` installs the same kind of hook and hands over each forward's
+output instead of a sum::
+
+    with capture(model, "transformer.ln_f") as seen:
+        model(idx)
+        h = seen["transformer.ln_f"]             # (B, T, C) output of the last forward
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +69,42 @@ def match(name: str, patterns) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def select(model, modules=None, eligible=None) -> list:
+    """``[(name, module)]`` of the modules whose name matches ``modules`` (and ``eligible(module)``)."""
+    chosen = [(n, m) for n, m in model.named_modules()
+              if n and (eligible is None or eligible(m)) and match(n, modules)]
+    if not chosen:
+        raise ValueError(f"no module matches {modules!r}")
+    return chosen
+
+
+@contextmanager
+def capture(model, modules, what: str = "output", to_host: bool = True):
+    """Forward hooks that keep the latest ``what`` ("output" or "input") of each chosen module.
+
+    Yields a dict ``{module name: array}`` that each forward overwrites (raw arrays, moved to
+    the host unless ``to_host=False``); the hooks are removed on exit. Nothing accumulates, so
+    the caller decides what to keep: the kNN datastore copies each batch's rows to disk.
+    """
+    if what not in ("output", "input"):
+        raise ValueError(f"capture: what must be 'output' or 'input', got {what!r}")
+    seen: dict = {}
+
+    def hook_for(name):
+        def hook(mod, inputs, output):
+            a = output if what == "output" else inputs[0]
+            a = a.data if isinstance(a, Tensor) else a
+            seen[name] = backend.to_numpy(a) if to_host else a
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in select(model, modules)]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def collect(model, batches, run=None, modules=None, want=("sqnorm",), types=None) -> dict[str, InputStats]:
     """Run ``model`` over ``batches`` and return ``{module name: InputStats}``.
 
@@ -77,9 +122,7 @@ def collect(model, batches, run=None, modules=None, want=("sqnorm",), types=None
             return isinstance(mod, types)
         return hasattr(mod, "in_features") and hasattr(mod, "out_features")
 
-    chosen = [(n, m) for n, m in model.named_modules() if n and eligible(m) and match(n, modules)]
-    if not chosen:
-        raise ValueError(f"no module matches {modules!r}")
+    chosen = select(model, modules, eligible)
     stats = {n: InputStats() for n, _ in chosen}
 
     def hook_for(name):
