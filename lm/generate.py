@@ -207,6 +207,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         model, tok = load_model(args.model_dir, args.device)
+        if tok is None:   # a Hugging Face GPT-2 folder without vocab.json + merges.txt
+            raise ValueError(f"{args.model_dir} has no tokenizer files (vocab.json + merges.txt): copy "
+                             f"them beside the weights")
         ids = tok.encode(args.prompt)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
