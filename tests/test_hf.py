@@ -187,7 +187,8 @@ def test_gpt2_vocab_ids_equal_hf_tokenizers(tmp_path):
     ours = hf.GPT2BPETokenizer.from_folder(str(tmp_path))
     assert ours.vocab_size == ref.get_vocab_size()
     samples = [MIXED, "DON'T ÀB 'S x²³ ①② Ⅻ", "  leading\n\n\nand trailing   ", "日本語のテキスト", "",
-               "\u00a0nbsp\u2003em space\u3000ideographic", text[5000:9000]]
+               "\u00a0nbsp\u2003em space\u3000ideographic", "a \x1c b\x1fc x\u200bb a\u00a0 b\x85 e",
+               text[5000:9000]]
     for s in samples:
         assert ours.encode(s) == ref.encode(s).ids, s
         assert ours.decode(ours.encode(s)) == s
