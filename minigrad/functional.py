@@ -11,7 +11,7 @@ import numpy as np
 
 from . import backend
 from . import ops
-from .kernels import fused as _fused
+from . import fused as _fused
 from .tensor import Tensor
 
 
@@ -83,7 +83,7 @@ def cross_entropy(logits, targets, ignore_index: int | None = -100, reduction: s
 def gelu(x, approximate: str = "tanh", fused: bool = True):
     """GELU. ``approximate="tanh"`` is GPT-2's formula; ``"none"`` is exact (with erf).
 
-    ``fused=True`` runs either form as one node (``kernels.fused.GeluTanh`` / ``GeluExact``).
+    ``fused=True`` runs either form as one node (``minigrad.fused.GeluTanh`` / ``GeluExact``).
     """
     x = _as_tensor(x)
     if approximate == "tanh" and fused:
@@ -106,7 +106,7 @@ def sigmoid(x):
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, fused: bool = True):
     """Normalise over the last axis, then scale and shift.
 
-    ``fused=True`` is one node with a hand-written backward (``kernels.fused.LayerNorm``);
+    ``fused=True`` is one node with a hand-written backward (``minigrad.fused.LayerNorm``);
     ``fused=False`` is the composite below, its reference.
     """
     x = _as_tensor(x)

@@ -119,6 +119,7 @@ class Tensor:
     """An array with an optional gradient and a link to the function that made it."""
 
     __array_priority__ = 100  # so `ndarray * Tensor` calls Tensor.__rmul__
+    _vc = (0,)                # version counter, a one-item list shared with detach(); see add_
 
     def __init__(self, data, requires_grad: bool = False, dtype=None, device: str | None = None):
         arr = _to_array(data, dtype)
@@ -134,6 +135,7 @@ class Tensor:
         self._hooks: list | None = None
         self._retain_grad = False
         self.name: str | None = None
+        self._vc = [0]
 
     # ------------------------------------------------------------------ properties
     @property
@@ -188,30 +190,135 @@ class Tensor:
         return self.numpy().tolist()
 
     def detach(self) -> "Tensor":
-        """The same data, cut from the graph."""
-        return Tensor(self.data)
+        """The same data, cut from the graph (an in-place change of one changes the other)."""
+        t = Tensor(self.data)
+        t._vc = self._vc
+        return t
 
-    def to(self, device=None, dtype=None) -> "Tensor":
-        """A copy on ``device`` and/or of ``dtype`` (differentiable)."""
-        if isinstance(device, (type, np.dtype)) and dtype is None:
-            device, dtype = None, device
-        out = self
-        if dtype is not None and np.dtype(dtype) != self.dtype:
-            from .ops import cast
-            out = cast(out, dtype)
-        if device is not None and backend.check_device(device) != self.device:
-            from .ops import to_device
-            out = to_device(out, device)
-        return out
+    @property
+    def _version(self) -> int:
+        return self._vc[0]
 
-    def astype(self, dtype) -> "Tensor":
-        return self.to(dtype=dtype)
+    # ``to``, ``astype``, ``float`` and ``double`` are differentiable (Cast, ToDevice): they are
+    # bound in ops.py with the other ops, so this module imports nothing from ops.
 
-    def float(self):
-        return self.to(dtype=np.float32)
+    # ------------------------------------------------------------------ Python and NumPy protocols
+    def _one(self, what: str):
+        if self.data.size != 1:
+            raise RuntimeError(f"{what} of a tensor with {self.data.size} elements (shape {self.shape}) is "
+                               "ambiguous; use .any() or .all() for a truth value, .item() for one element")
+        return self.data.reshape(()).item()
 
-    def double(self):
-        return self.to(dtype=np.float64)
+    def __bool__(self) -> bool:
+        """True/False of a one-element tensor; more (or no) elements raise, as in PyTorch and NumPy."""
+        return bool(self._one("the truth value"))
+
+    def __float__(self) -> float:
+        return float(self._one("float()"))
+
+    def __int__(self) -> int:
+        return int(self._one("int()"))
+
+    def __index__(self) -> int:
+        if self.dtype.kind not in "iub":
+            raise TypeError(f"only integer tensors of one element can be used as an index, got dtype {self.dtype}")
+        return int(self._one("an index"))
+
+    def __array__(self, dtype=None, copy=None):
+        """``np.asarray(t)``: the data as a NumPy array (copied from the GPU when needed)."""
+        a = backend.to_numpy(self.data)
+        if dtype is not None and a.dtype != dtype:
+            return a.astype(dtype)
+        return a.copy() if copy else a
+
+    # ------------------------------------------------------------------ in-place ops
+    # They change ``data`` in place, so a graph that recorded this tensor would compute a wrong
+    # gradient. As PyTorch does, they are refused while a gradient is being recorded for the
+    # tensor, and allowed under ``no_grad`` (optimizer updates, initialisation) or on tensors
+    # that need no gradient. Each one bumps ``_version``; backward compares it with the version
+    # each node saw, so a graph whose inputs changed under no_grad refuses to run.
+    def _inplace(self, op: str):
+        if self.requires_grad and _grad_enabled:
+            kind = "a leaf tensor that requires grad" if self.creator is None else \
+                "a tensor that is part of a graph being recorded"
+            raise RuntimeError(f"{op}: in-place change of {kind}; its old value may be needed to "
+                               "compute gradients. Run it under minigrad.no_grad() (e.g. an optimizer "
+                               "update) or use the out-of-place form (x = x + y)")
+        if self._vc is Tensor._vc:
+            self._vc = [0]
+        self._vc[0] += 1
+        return self.data
+
+    def _operand(self, op: str, other):
+        o = other.data if isinstance(other, Tensor) else other
+        dt = getattr(o, "dtype", None)
+        if dt is not None and dt.kind == "f" and self.dtype.kind == "f" and dt != self.dtype:
+            raise TypeError(f"{op}: dtype mismatch {self.dtype} and {dt}; convert one with .to(dtype) "
+                            "(no silent upcast)")
+        if isinstance(o, float) and self.dtype.kind != "f" or (dt is not None and dt.kind == "f"
+                                                                and self.dtype.kind != "f"):
+            raise TypeError(f"{op}: a float result cannot be stored in place in a {self.dtype} tensor")
+        if dt is not None and backend.device_of(o) != self.device:
+            raise RuntimeError(f"{op}: tensors on different devices ({self.device} and {backend.device_of(o)})")
+        return o
+
+    def _ufunc_(self, op: str, ufunc: str, other):
+        o = self._operand(op, other)
+        d = self._inplace(op)
+        xp = backend.get_array_module(d)
+        try:
+            getattr(xp, ufunc)(d, o, out=d, casting="same_kind")
+        except ValueError:
+            raise ValueError(f"{op}: shape {tuple(getattr(o, 'shape', ()))} does not broadcast to the "
+                             f"tensor's shape {self.shape}") from None
+        return self
+
+    def add_(self, other):
+        return self._ufunc_("add_", "add", other)
+
+    def sub_(self, other):
+        return self._ufunc_("sub_", "subtract", other)
+
+    def mul_(self, other):
+        return self._ufunc_("mul_", "multiply", other)
+
+    def div_(self, other):
+        if self.dtype.kind != "f":
+            raise TypeError(f"div_: true division of a {self.dtype} tensor in place cannot keep its dtype")
+        return self._ufunc_("div_", "true_divide", other)
+
+    __iadd__, __isub__, __imul__, __itruediv__ = add_, sub_, mul_, div_
+
+    def zero_(self):
+        self._inplace("zero_")[...] = 0
+        return self
+
+    def fill_(self, value):
+        o = self._operand("fill_", value)
+        self._inplace("fill_")[...] = o
+        return self
+
+    def copy_(self, src):
+        """Copy ``src``'s values into this tensor (broadcast; same float dtype; any device)."""
+        o = src.data if isinstance(src, Tensor) else src
+        if hasattr(o, "dtype") and o.dtype.kind == "f" and self.dtype.kind == "f" and o.dtype != self.dtype:
+            raise TypeError(f"copy_: dtype mismatch {self.dtype} and {o.dtype}; convert with .to(dtype) first")
+        d = self._inplace("copy_")
+        o = backend.to_device(o, self.device) if hasattr(o, "shape") else o
+        try:
+            d[...] = o
+        except ValueError:
+            raise ValueError(f"copy_: shape {tuple(getattr(o, 'shape', ()))} does not broadcast to {self.shape}") from None
+        return self
+
+    def clamp_(self, min=None, max=None):  # noqa: A002 - PyTorch's names
+        if min is None and max is None:
+            raise ValueError("clamp_: give min, max or both")
+        d = self._inplace("clamp_")
+        backend.get_array_module(d).clip(d, min, max, out=d)
+        return self
+
+    clip_ = clamp_
 
     # ------------------------------------------------------------------ autograd
     def register_hook(self, hook):
@@ -303,9 +410,11 @@ class Function:
             t._hooks = None
             t._retain_grad = False
             t.name = None
+            t._vc = [0]
             outputs.append(t)
         if record:
             self.inputs = tuple(tensors)
+            self._versions = [t._vc[0] for t in tensors]
             self.outputs = tuple(weakref.ref(t) for t in outputs)
             self.n_outputs = len(outputs)
             if len(outputs) > 1:  # to make zero gradients for outputs nobody used
@@ -377,6 +486,21 @@ def _accumulate(store: dict, key, g):
         store[key] = prev + g
 
 
+def _check_versions(fn: Function) -> None:
+    """Refuse a node whose input or output was changed in place after it ran (a wrong gradient)."""
+    for x, v in zip(fn.inputs, getattr(fn, "_versions", ())):
+        if x._version != v:
+            raise RuntimeError(
+                f"{fn.name}: one of its inputs (shape {x.shape}) was changed in place (version {v} -> "
+                f"{x._version}) after the forward pass that backward now needs; compute the forward "
+                "again after the change, or change a copy (x.clone())")
+    for ref in getattr(fn, "outputs", ()):
+        out = ref()
+        if out is not None and out._version:
+            raise RuntimeError(f"{fn.name}: its output (shape {out.shape}) was changed in place after the "
+                               "forward pass; backward would use the changed value. Change a copy (y.clone())")
+
+
 def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
     if root.creator is None:  # a leaf: its gradient is the seed itself
         g = _apply_hooks(root, grad)
@@ -391,6 +515,7 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
             raise RuntimeError(
                 f"backward through {fn.name} a second time: its saved arrays were freed after the "
                 "first backward. Pass retain_graph=True to the first backward() to keep them.")
+        _check_versions(fn)
         gys = []
         for i in range(fn.n_outputs):
             g = pending.pop((id(fn), i), None)
