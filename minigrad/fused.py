@@ -167,7 +167,8 @@ class LayerNorm(Function):
 
 
 class SoftmaxCrossEntropy(Function):
-    """Mean cross-entropy of logits (N, C) against targets (N,), skipping ``ignore_index``."""
+    """Mean cross-entropy of logits (N, C) against targets (N,), skipping ``ignore_index``
+    (every target ignored: 0.0, as ``functional.cross_entropy`` documents)."""
 
     def __init__(self, targets, ignore_index):
         self.targets, self.ignore_index = targets, ignore_index
