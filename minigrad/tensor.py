@@ -9,6 +9,13 @@ float32.
 A ``Function`` computes on raw arrays. Calling one wraps its outputs in tensors and,
 when a gradient is needed, records itself as their ``creator``. ``Tensor.backward``
 walks the recorded functions in reverse topological order, without recursion.
+
+Python's protocols follow PyTorch: ``bool``, ``float``, ``int`` and ``__index__`` need one
+element, ``np.asarray(t)`` gives the data. In-place ops (``add_``, ``+=``, ...) are refused
+while a gradient is recorded and bump a version counter that backward checks.
+
+This module imports nothing from ``ops.py``: the operators and differentiable methods
+(``+``, ``exp``, ``to``, ...) are bound onto ``Tensor`` there.
 """
 from __future__ import annotations
 
