@@ -78,6 +78,7 @@ def main(argv=None) -> int:
         return time.perf_counter() - t, out[len(prompt):]
 
     run_ours(), run_theirs()                       # warm-up: compiled loops, allocator, thread pools
+    print(f"imported logits within {logit_diff:.1e} of transformers'; warm-up done", flush=True)
     if args.profile:
         import cProfile
         import pstats
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
         b, ids_b = run_theirs()
         t_ours.append(a)
         t_theirs.append(b)
+        print(f"pair {len(t_ours)}: ours {n / a:.2f} tokens/s, transformers {n / b:.2f} tokens/s, "
+              f"ratio {b / a:.2f}x", flush=True)
         same = same and ids_a == ids_b
     mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
     rows = [

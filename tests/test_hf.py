@@ -220,6 +220,10 @@ def test_bpe_model_export_reimport(tmp_path):
     _, tok = load_model(model_dir)
     _, back = load_model(out)
     assert back.encode(MIXED) == tok.encode(MIXED)
+    transformers = pytest.importorskip("transformers", reason="transformers reads the exported tokenizer")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    sample = "the cat sat on a mat and the dog ran far away home."
+    assert hf_tok(sample)["input_ids"] == tok.encode(sample)
 
 
 # --------------------------------------------------------------------------- errors
