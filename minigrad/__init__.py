@@ -4,6 +4,7 @@ from .backend import cuda_available, get_array_module, manual_seed
 from .tensor import (Function, Tensor, as_tensor, enable_grad, get_default_dtype, is_grad_enabled,
                      no_grad, set_default_dtype, tensor)
 from . import ops
+from . import inplace  # noqa: F401  (binds add_, +=, zero_, ... onto Tensor)
 from .ops import (abs, add, broadcast_to, cat, concatenate, div, exp, expand_dims, flatten, getitem,
                   linear, log, matmul, max, maximum, mean, min, minimum, mul, neg, permute, pow, relu,
                   reshape, split, sqrt, squeeze, stack, sub, sum, swapaxes, sum_to, tanh, transpose,
