@@ -55,11 +55,12 @@ def check_exportable(cfg: ModelConfig) -> None:
     if cfg.reversible:
         raise HFError("model.reversible=true: GPT-2 has no reversible blocks (their two residual "
                       "streams compute a different function); export a model trained without it")
-    defaults = ModelConfig()
     for f in dataclasses.fields(cfg):
         if f.name in GPT2_FIELDS:
             continue
-        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        value = getattr(cfg, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else \
+            (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if value != default:
             raise HFError(f"model.{f.name}={value!r}: GPT-2 cannot express this switch (shared layers, "
                           f"grouped-query attention, rotary positions, windows, low rank and per-layer "

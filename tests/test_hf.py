@@ -308,6 +308,24 @@ def test_switches_gpt2_cannot_express():
     with pytest.raises(hf.HFError, match="reversible"):
         hf.check_exportable(ModelConfig(vocab_size=10, reversible=True))
     hf.check_exportable(ModelConfig(vocab_size=10, checkpoint_every=1, attention="naive"))   # fine
+    # any other switch away from its default is refused by name (GQA, rotary, sharing, low rank...)
+    import dataclasses
+    Wider = dataclasses.make_dataclass("Wider", [("n_kv_head", int, 0), ("rope", bool, False)], bases=(ModelConfig,))
+    hf.check_exportable(Wider(vocab_size=10))
+    with pytest.raises(hf.HFError, match=r"model\.n_kv_head=2.*model\.n_kv_head=0"):
+        hf.check_exportable(Wider(vocab_size=10, n_kv_head=2))
+    with pytest.raises(hf.HFError, match=r"model\.rope=True"):
+        hf.check_exportable(Wider(vocab_size=10, rope=True))
+
+
+def test_other_folder_kinds_are_refused(trained, tmp_path, capsys, monkeypatch):
+    """A quantized (or adapter) folder is its own loader kind: GPT-2 has no form for it."""
+    from lm import loader
+    model_dir, _ = trained
+    monkeypatch.setattr(loader, "KINDS", [("quantized", lambda d, c: True, None)] + loader.KINDS)
+    out = tmp_path / "o"
+    _cli_error(["--format", "hf", "--model_dir", model_dir, "--out", str(out)], capsys, "'quantized'")
+    assert not out.exists()
 
 
 def test_gguf_format_calls_the_gguf_exporter(trained, tmp_path, capsys, monkeypatch):
