@@ -148,6 +148,7 @@ def test_import_random_hf_gpt2_within_1e4(tmp_path):
     ref.save_pretrained(tmp_path / "gpt2")
     model, tok = load_model(str(tmp_path / "gpt2"))
     assert tok is None and model.config.block_size == 24
+    assert gen.main(["--model_dir", str(tmp_path / "gpt2")]) == 2           # no vocab.json: said so
     idx = np.random.default_rng(2).integers(0, 97, (3, 24))
     with torch.no_grad():
         expect = ref(torch.from_numpy(idx)).logits.numpy()
