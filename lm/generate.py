@@ -260,6 +260,9 @@ def _main(args) -> int:
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"--device {args.device}: {e}") from None
     model, tok = load_model(args.model_dir, device)
+    if tok is None:   # a Hugging Face GPT-2 folder without vocab.json + merges.txt
+        raise ValueError(f"{args.model_dir} has no tokenizer files (vocab.json + merges.txt): copy "
+                         f"them beside the weights")
     try:
         ids = tok.encode(args.prompt, errors="ignore") if args.skip_unknown else tok.encode(args.prompt)
     except TypeError:   # a tokenizer that knows every input (byte-level BPE) takes no errors=

@@ -8,6 +8,7 @@ A folder is recognised by its files and its ``config.json``:
 
 | kind            | how it is recognised                                           |
 |-----------------|----------------------------------------------------------------|
+| ``hf-gpt2``     | ``config.json`` with ``model_type: gpt2`` (``save_pretrained``, lm.export) |
 | ``minigrad``    | ``config.json`` with a ``"model"`` section (written by lm.train) |
 
 Each kind is a pair of functions in ``KINDS``: ``detect(model_dir, conf) -> bool`` and
@@ -22,6 +23,7 @@ import os
 
 from minigrad.io import load_file
 
+from . import hf
 from .config import Config, ConfigError, ModelConfig, _apply_section, validate
 from .model import GPT
 from .tokenizer import load_tokenizer
@@ -86,6 +88,7 @@ def _load_minigrad(model_dir: str, conf: dict, device: str):
 
 
 KINDS: list[tuple[str, object, object]] = [
+    ("hf-gpt2", hf.is_hf_gpt2, hf.load_hf_gpt2),
     ("minigrad", _is_minigrad, _load_minigrad),
 ]
 
@@ -100,7 +103,8 @@ def detect_kind(model_dir: str) -> str:
         if detect(model_dir, conf):
             return name
     raise ModelDirError(f"{model_dir} is not a model folder: no config.json that lm.train (or a known "
-                        f"format: {', '.join(k[0] for k in KINDS)}) writes")
+                        f"format: {', '.join(k[0] for k in KINDS)}) writes; a Hugging Face GPT-2 folder "
+                        f"needs config.json with model_type gpt2 and model.safetensors")
 
 
 def load_model(model_dir: str, device: str = "cpu"):

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import backend
 from . import ops
-from .kernels import fused as _fused
+from . import fused as _fused
 from .tensor import Tensor
 
 
@@ -23,10 +23,15 @@ def logsumexp(x, axis=-1, keepdims=False):
     """log(sum(exp(x))) stable for large values: the max is taken out first.
 
     The max is detached: the function does not depend on it, so its gradient
-    contributions cancel exactly and need not be computed.
+    contributions cancel exactly and need not be computed. A row whose max is not finite
+    is shifted by 0 instead (as PyTorch does): all -inf gives -inf, a +inf entry gives +inf,
+    where shifting by the max would give inf - inf = nan.
     """
     x = _as_tensor(x)
     m = ops.max(x, axis=axis, keepdims=True).detach()
+    xp = backend.get_array_module(m.data)
+    if not bool(xp.isfinite(m.data).all()):
+        m = Tensor(xp.where(xp.isfinite(m.data), m.data, 0).astype(m.dtype, copy=False))
     out = ops.log(ops.sum(ops.exp(x - m), axis=axis, keepdims=True)) + m
     return out if keepdims else ops.squeeze(out, axis)
 
@@ -43,12 +48,19 @@ def log_softmax(x, axis=-1):
 
 
 def cross_entropy(logits, targets, ignore_index: int | None = -100, reduction: str = "mean",
-                  fused: bool = True):
+                  fused: bool = True, label_smoothing: float = 0.0):
     """Cross-entropy of ``logits`` (..., C) against integer ``targets`` (...).
 
     ``reduction="mean"`` averages over the targets that are not ``ignore_index``
     (PyTorch's convention); ``"sum"`` and ``"none"`` are also available.
+    ``label_smoothing=eps`` mixes the one-hot target with the uniform distribution, as
+    PyTorch does: loss = (1 - eps) * nll + eps * mean over classes of -log p.
+
+    When every target is ``ignore_index``, the mean is **0.0** with a zero gradient
+    (PyTorch returns nan, 0/0): a batch of padding adds nothing instead of poisoning the run.
     """
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     logits = _as_tensor(logits)
     t = targets.data if isinstance(targets, Tensor) else targets
     xp = backend.get_array_module(logits.data)
@@ -65,10 +77,12 @@ def cross_entropy(logits, targets, ignore_index: int | None = -100, reduction: s
     if int(((safe_t < 0) | (safe_t >= C)).sum()):
         bad = backend.to_numpy(safe_t[(safe_t < 0) | (safe_t >= C)])[:5]
         raise IndexError(f"cross_entropy: target ids {bad.tolist()} out of range for {C} classes")
-    if fused and reduction == "mean":
+    if fused and reduction == "mean" and label_smoothing == 0.0:
         return _fused.SoftmaxCrossEntropy(tf, ignore_index)(logits.reshape(-1, C))
     lp = log_softmax(logits.reshape(-1, C), axis=-1)                   # (N, C)
     picked = lp[xp.arange(tf.shape[0]), safe_t]                         # (N,)
+    if label_smoothing:
+        picked = picked * (1.0 - label_smoothing) + ops.mean(lp, axis=-1) * label_smoothing
     nll = -ops.where(valid, picked, 0.0)
     if reduction == "none":
         return nll.reshape(t.shape)
@@ -83,7 +97,7 @@ def cross_entropy(logits, targets, ignore_index: int | None = -100, reduction: s
 def gelu(x, approximate: str = "tanh", fused: bool = True):
     """GELU. ``approximate="tanh"`` is GPT-2's formula; ``"none"`` is exact (with erf).
 
-    ``fused=True`` runs either form as one node (``kernels.fused.GeluTanh`` / ``GeluExact``).
+    ``fused=True`` runs either form as one node (``minigrad.fused.GeluTanh`` / ``GeluExact``).
     """
     x = _as_tensor(x)
     if approximate == "tanh" and fused:
@@ -106,7 +120,7 @@ def sigmoid(x):
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, fused: bool = True):
     """Normalise over the last axis, then scale and shift.
 
-    ``fused=True`` is one node with a hand-written backward (``kernels.fused.LayerNorm``);
+    ``fused=True`` is one node with a hand-written backward (``minigrad.fused.LayerNorm``);
     ``fused=False`` is the composite below, its reference.
     """
     x = _as_tensor(x)

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .tensor import Function, Tensor
+from .tensor import Function, Tensor, get_default_dtype
 
 
 # --------------------------------------------------------------------------- helpers
@@ -33,18 +33,66 @@ class ShapeError(ValueError):
     """Shapes that do not fit an op; the message names the op and the shapes."""
 
 
+def _dtype_of(x):
+    """dtype of a tensor or array; None for Python numbers (they adapt to what they meet)."""
+    if isinstance(x, Tensor):
+        return x.data.dtype
+    if isinstance(x, (bool, int, float)):
+        return None
+    return getattr(x, "dtype", None)
+
+
 def _check_pair(op: str, a, b) -> None:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         if a.device != b.device:
             raise RuntimeError(f"{op}: tensors on different devices ({a.device} and {b.device}); "
                                "move one with .to(device)")
-        if a.dtype != b.dtype and a.dtype.kind == "f" and b.dtype.kind == "f":
-            raise TypeError(f"{op}: dtype mismatch {a.dtype} and {b.dtype}; "
-                            "convert one with .to(dtype) (no silent upcast)")
+    da, db = _dtype_of(a), _dtype_of(b)
+    if da is not None and db is not None and da != db and da.kind == "f" and db.kind == "f":
+        raise TypeError(f"{op}: dtype mismatch {da} and {db}; "
+                        "convert one with .to(dtype) (no silent upcast)")
 
 
-def _binary(cls, op: str, a, b):
-    _check_pair(op, a, b)
+# The dtype rules, in one place (README, "dtype rules"):
+#  1. two floating dtypes must be equal: float32 with float64 (a tensor or a NumPy array) raises;
+#  2. a Python float or int takes the dtype of the tensor it meets (x * 2.0 stays float32);
+#  3. an integer (or bool) tensor meeting a float tensor or array takes that float dtype;
+#  4. an integer tensor meeting a Python float, or divided (true division), gives the default
+#     float dtype (float32 unless set_default_dtype says otherwise), never NumPy's float64;
+#  5. integers with integers follow NumPy (int64 + int64 is int64).
+def _promote(op: str, a, b, true_div: bool = False):
+    """(a, b) with integer operands cast to the float dtype the rules above give."""
+    da, db = _dtype_of(a), _dtype_of(b)
+    fa = da is not None and da.kind == "f"
+    fb = db is not None and db.kind == "f"
+    if fa and fb:
+        return a, b
+    if fa or fb:                                            # rule 3: one side is float
+        target = da if fa else db
+        return (a if fa else _cast_int(a, target)), (b if fb else _cast_int(b, target))
+    pyf = isinstance(a, float) or isinstance(b, float)
+    if pyf or true_div:                                     # rule 4
+        target = np.dtype(get_default_dtype())
+        return _cast_int(a, target), _cast_int(b, target)
+    return a, b
+
+
+def _cast_int(x, dtype):
+    """An integer/bool tensor or array as ``dtype`` (no gradient is lost: integers carry none)."""
+    if isinstance(x, Tensor):
+        return Tensor(x.data.astype(dtype)) if x.dtype.kind in "iub" else x
+    if hasattr(x, "dtype") and x.dtype.kind in "iub":
+        return x.astype(dtype)
+    return x
+
+
+def _binary(cls, op: str, a, b, true_div: bool = False):
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.data.dtype == b.data.dtype
+            and a.data.dtype.kind == "f"):
+        _check_pair(op, a, b)
+        a, b = _promote(op, a, b, true_div)
+    elif a.device != b.device:
+        _check_pair(op, a, b)
     try:
         return cls()(a, b)
     except ValueError as e:
@@ -107,7 +155,8 @@ class Div(Function):
     def backward(self, gy):
         a, b = self.saved
         ga = sum_to(gy / b, a.shape) if self.needs_input_grad[0] else None
-        gb = sum_to(-gy * a / (b * b), b.shape) if self.needs_input_grad[1] else None
+        # -(a/b)/b, not -a/(b*b): b*b underflows to 0 (and the gradient to inf) for tiny b
+        gb = sum_to(-(gy * (a / b)) / b, b.shape) if self.needs_input_grad[1] else None
         return ga, gb
 
 
@@ -122,7 +171,11 @@ class Pow(Function):
     def backward(self, gy):
         a, b, y = self.saved
         xp = get_array_module(a)
-        ga = sum_to(gy * b * a ** (b - 1), a.shape) if self.needs_input_grad[0] else None
+        ga = None
+        if self.needs_input_grad[0]:
+            # b * a**(b-1) is 0 * inf = nan at a = 0, b = 0; x**0 is constant, its gradient 0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ga = sum_to(xp.where(b == 0, 0, gy * b * a ** (b - 1)).astype(gy.dtype, copy=False), a.shape)
         gb = None
         if self.needs_input_grad[1]:
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -525,7 +578,7 @@ class Linear(Function):
 def add(a, b): return _binary(Add, "add", a, b)
 def sub(a, b): return _binary(Sub, "sub", a, b)
 def mul(a, b): return _binary(Mul, "mul", a, b)
-def div(a, b): return _binary(Div, "div", a, b)
+def div(a, b): return _binary(Div, "div", a, b, true_div=True)
 def pow(a, b): return _binary(Pow, "pow", a, b)  # noqa: A001 - mirrors the operator
 def maximum(a, b): return _binary(Maximum, "maximum", a, b)
 def minimum(a, b): return _binary(Minimum, "minimum", a, b)
@@ -708,6 +761,22 @@ for _name in ("__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"):
     setattr(Tensor, _name, _cmp(_name))
 Tensor.__hash__ = object.__hash__  # __eq__ is elementwise, identity stays the hash
 
+def _to(self, device=None, dtype=None) -> Tensor:
+    """A copy on ``device`` and/or of ``dtype`` (differentiable)."""
+    if isinstance(device, (type, np.dtype)) and dtype is None:
+        device, dtype = None, device
+    out = self
+    if dtype is not None and np.dtype(dtype) != self.dtype:
+        out = cast(out, dtype)
+    if device is not None and backend.check_device(device) != self.device:
+        out = to_device(out, device)
+    return out
+
+
+Tensor.to = _to
+Tensor.astype = lambda self, dtype: _to(self, dtype=dtype)
+Tensor.float = lambda self: _to(self, dtype=np.float32)
+Tensor.double = lambda self: _to(self, dtype=np.float64)
 Tensor.exp = exp
 Tensor.log = log
 Tensor.sqrt = sqrt

@@ -9,6 +9,13 @@ float32.
 A ``Function`` computes on raw arrays. Calling one wraps its outputs in tensors and,
 when a gradient is needed, records itself as their ``creator``. ``Tensor.backward``
 walks the recorded functions in reverse topological order, without recursion.
+
+Python's protocols follow PyTorch: ``bool``, ``float``, ``int`` and ``__index__`` need one
+element, ``np.asarray(t)`` gives the data. In-place ops (``add_``, ``+=``, ...) are refused
+while a gradient is recorded and bump a version counter that backward checks.
+
+This module imports nothing from ``ops.py``: the operators and differentiable methods
+(``+``, ``exp``, ``to``, ...) are bound onto ``Tensor`` there.
 """
 from __future__ import annotations
 
@@ -119,6 +126,7 @@ class Tensor:
     """An array with an optional gradient and a link to the function that made it."""
 
     __array_priority__ = 100  # so `ndarray * Tensor` calls Tensor.__rmul__
+    _vc = (0,)                # version counter, a one-item list shared with detach(); see add_
 
     def __init__(self, data, requires_grad: bool = False, dtype=None, device: str | None = None):
         arr = _to_array(data, dtype)
@@ -134,6 +142,7 @@ class Tensor:
         self._hooks: list | None = None
         self._retain_grad = False
         self.name: str | None = None
+        self._vc = [0]
 
     # ------------------------------------------------------------------ properties
     @property
@@ -188,30 +197,48 @@ class Tensor:
         return self.numpy().tolist()
 
     def detach(self) -> "Tensor":
-        """The same data, cut from the graph."""
-        return Tensor(self.data)
+        """The same data, cut from the graph (an in-place change of one changes the other)."""
+        t = Tensor(self.data)
+        t._vc = self._vc
+        return t
 
-    def to(self, device=None, dtype=None) -> "Tensor":
-        """A copy on ``device`` and/or of ``dtype`` (differentiable)."""
-        if isinstance(device, (type, np.dtype)) and dtype is None:
-            device, dtype = None, device
-        out = self
-        if dtype is not None and np.dtype(dtype) != self.dtype:
-            from .ops import cast
-            out = cast(out, dtype)
-        if device is not None and backend.check_device(device) != self.device:
-            from .ops import to_device
-            out = to_device(out, device)
-        return out
+    @property
+    def _version(self) -> int:
+        return self._vc[0]
 
-    def astype(self, dtype) -> "Tensor":
-        return self.to(dtype=dtype)
+    # ``to``, ``astype``, ``float`` and ``double`` are differentiable (Cast, ToDevice): they are
+    # bound in ops.py with the other ops, so this module imports nothing from ops.
 
-    def float(self):
-        return self.to(dtype=np.float32)
+    # ------------------------------------------------------------------ Python and NumPy protocols
+    def _one(self, what: str):
+        if self.data.size != 1:
+            raise RuntimeError(f"{what} of a tensor with {self.data.size} elements (shape {self.shape}) is "
+                               "ambiguous; use .any() or .all() for a truth value, .item() for one element")
+        return self.data.reshape(()).item()
 
-    def double(self):
-        return self.to(dtype=np.float64)
+    def __bool__(self) -> bool:
+        """True/False of a one-element tensor; more (or no) elements raise, as in PyTorch and NumPy."""
+        return bool(self._one("the truth value"))
+
+    def __float__(self) -> float:
+        return float(self._one("float()"))
+
+    def __int__(self) -> int:
+        return int(self._one("int()"))
+
+    def __index__(self) -> int:
+        if self.dtype.kind not in "iub":
+            raise TypeError(f"only integer tensors of one element can be used as an index, got dtype {self.dtype}")
+        return int(self._one("an index"))
+
+    def __array__(self, dtype=None, copy=None):
+        """``np.asarray(t)``: the data as a NumPy array (copied from the GPU when needed)."""
+        a = backend.to_numpy(self.data)
+        if dtype is not None and a.dtype != dtype:
+            return a.astype(dtype)
+        return a.copy() if copy else a
+
+    # in-place ops (add_, +=, zero_, copy_, ...) and their checks: minigrad/inplace.py
 
     # ------------------------------------------------------------------ autograd
     def register_hook(self, hook):
@@ -303,9 +330,11 @@ class Function:
             t._hooks = None
             t._retain_grad = False
             t.name = None
+            t._vc = [0]
             outputs.append(t)
         if record:
             self.inputs = tuple(tensors)
+            self._versions = [t._vc[0] for t in tensors]
             self.outputs = tuple(weakref.ref(t) for t in outputs)
             self.n_outputs = len(outputs)
             if len(outputs) > 1:  # to make zero gradients for outputs nobody used
@@ -377,6 +406,21 @@ def _accumulate(store: dict, key, g):
         store[key] = prev + g
 
 
+def _check_versions(fn: Function) -> None:
+    """Refuse a node whose input or output was changed in place after it ran (a wrong gradient)."""
+    for x, v in zip(fn.inputs, getattr(fn, "_versions", ())):
+        if x._version != v:
+            raise RuntimeError(
+                f"{fn.name}: one of its inputs (shape {x.shape}) was changed in place (version {v} -> "
+                f"{x._version}) after the forward pass that backward now needs; compute the forward "
+                "again after the change, or change a copy (x.clone())")
+    for ref in getattr(fn, "outputs", ()):
+        out = ref()
+        if out is not None and out._version:
+            raise RuntimeError(f"{fn.name}: its output (shape {out.shape}) was changed in place after the "
+                               "forward pass; backward would use the changed value. Change a copy (y.clone())")
+
+
 def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
     if root.creator is None:  # a leaf: its gradient is the seed itself
         g = _apply_hooks(root, grad)
@@ -391,6 +435,7 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
             raise RuntimeError(
                 f"backward through {fn.name} a second time: its saved arrays were freed after the "
                 "first backward. Pass retain_graph=True to the first backward() to keep them.")
+        _check_versions(fn)
         gys = []
         for i in range(fn.n_outputs):
             g = pending.pop((id(fn), i), None)

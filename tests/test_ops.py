@@ -36,6 +36,13 @@ TARGETS_IGN = np.array([1, -100, 4, -100])
 TARGETS_3D = np.array([[1, 0, 3], [2, 4, 4]])
 IDS = np.array([[1, 3, 1], [0, 3, 3]])               # repeated ids
 KV_MASK = np.tril(np.ones((2, 5), dtype=bool), 3)    # 2 new queries after 3 cached positions
+PROD_ZEROS = np.array([[1.5, 0.0, 2.0, -1.0], [0.0, 0.0, 3.0, 1.0], [2.0, 1.0, 0.5, -2.0]])  # one and two zeros
+GIDX = np.array([[0, 2, 2], [1, 0, 3], [3, 3, 3]])   # repeated picks: backward scatter-adds
+CLAMP_EDGE = np.array([-1.0, -0.5, 0.0, 0.7, 1.0])   # values on the bounds keep their gradient
+LSE_INF = np.array([[-np.inf, -np.inf, -np.inf], [1.0, np.inf, 0.0], [0.5, -np.inf, 2.0]])
+POW_ZERO = np.array([0.0, 1.5, -2.0, 0.0])
+DIV_TINY_A, DIV_TINY_B = np.array([1e-160, 2.0, -3e-150]), np.array([1e-170, 0.5, 4e-160])
+NORM_ZERO = np.array([[0.0, 0.0, 0.0], [3.0, -4.0, 0.0]])
 
 ADD, SUB, MUL, DIV, POW = (lambda a, b: a + b), (lambda a, b: a - b), (lambda a, b: a * b), \
     (lambda a, b: a / b), (lambda a, b: a ** b)
@@ -214,6 +221,60 @@ CASES = [
          lambda x, t: TF.cross_entropy(x.permute(0, 2, 1), t, reduction="none")),
     case("cross_entropy_large", [(4, 5), TARGETS], lambda x, t: F.cross_entropy(x * 1000.0, t),
          lambda x, t: TF.cross_entropy(x * 1000.0, t)),
+    # ---------------------------------------------------------------- the Tensor API of PyTorch users
+    case("sin", [(3, 4)], lambda x: x.sin(), lambda x: x.sin(), low=-4.0, high=4.0),
+    case("cos", [(3, 4)], lambda x: x.cos(), lambda x: x.cos(), low=-4.0, high=4.0),
+    case("log1p", [(3, 4)], lambda x: x.log1p(), lambda x: x.log1p(), low=-0.9),
+    case("log1p_tiny", [(3,)], lambda x: (x * 1e-9).log1p(), lambda x: (x * 1e-9).log1p()),
+    case("expm1", [(3, 4)], lambda x: x.expm1(), lambda x: x.expm1()),
+    case("sign", [(3, 4)], lambda x: x.sign() * x, lambda x: x.sign() * x),
+    case("square", [(3, 4)], lambda x: x.square(), lambda x: x.square()),
+    case("clamp", [(3, 4)], lambda x: x.clamp(-0.5, 0.7), lambda x: x.clamp(-0.5, 0.7)),
+    case("clamp_min_only", [(3, 4)], lambda x: mg.clamp(x, min=0.1), lambda x: torch.clamp(x, min=0.1)),
+    case("clamp_bounds", [CLAMP_EDGE], lambda x: x.clamp(-0.5, 0.7), lambda x: x.clamp(-0.5, 0.7), numerical=False),
+    case("clip_numpy_order", [(3, 4)], lambda x: x.clip(-1.0, 1.0), lambda x: x.clip(-1.0, 1.0)),
+    case("std_all", [(2, 3, 4)], lambda x: x.std(), lambda x: x.std(correction=0)),
+    case("std_axis_ddof1", [(2, 3, 4)], lambda x: x.std(axis=1, ddof=1), lambda x: x.std(dim=1, correction=1)),
+    case("std_keep", [(2, 3, 4)], lambda x: x.std(axis=-1, keepdims=True), lambda x: x.std(dim=-1, correction=0, keepdim=True)),
+    case("prod_all", [(2, 3)], lambda x: x.prod(), lambda x: x.prod()),
+    case("prod_axis", [(2, 3, 4)], lambda x: x.prod(axis=1), lambda x: x.prod(dim=1)),
+    case("prod_keep_neg", [(2, 3, 4)], lambda x: x.prod(axis=-1, keepdims=True), lambda x: x.prod(dim=-1, keepdim=True)),
+    case("prod_tuple", [(2, 3, 4)], lambda x: x.prod(axis=(0, 2)), lambda x: x.prod(dim=2).prod(dim=0)),
+    case("prod_zeros", [PROD_ZEROS], lambda x: x.prod(axis=1), lambda x: x.prod(dim=1)),
+    case("prod_zeros_all", [PROD_ZEROS[:1]], lambda x: x.prod(), lambda x: x.prod()),
+    case("prod_0d", [()], lambda x: x.prod(), lambda x: x.prod()),
+    case("cumsum", [(3, 4)], lambda x: x.cumsum(axis=1), lambda x: x.cumsum(dim=1)),
+    case("cumsum_axis0", [(3, 4, 2)], lambda x: x.cumsum(0), lambda x: x.cumsum(0)),
+    case("cumsum_flat", [(3, 4)], lambda x: x.cumsum(), lambda x: x.flatten().cumsum(0)),
+    case("unsqueeze", [(3, 4)], lambda x: x.unsqueeze(1) * 2.0, lambda x: x.unsqueeze(1) * 2.0),
+    case("unsqueeze_neg", [(3,)], lambda x: mg.unsqueeze(x, -1), lambda x: torch.unsqueeze(x, -1)),
+    case("norm", [(3, 4)], lambda x: x.norm(), lambda x: torch.linalg.vector_norm(x)),
+    case("norm_axis_keep", [(3, 4)], lambda x: x.norm(axis=1, keepdims=True), lambda x: torch.linalg.vector_norm(x, dim=1, keepdim=True)),
+    case("norm_p1", [(3, 4)], lambda x: x.norm(p=1, axis=0), lambda x: torch.linalg.vector_norm(x, ord=1, dim=0)),
+    case("norm_inf", [(3, 4)], lambda x: x.norm(p=math.inf, axis=1), lambda x: torch.linalg.vector_norm(x, ord=math.inf, dim=1)),
+    case("norm_p3", [(3, 4)], lambda x: x.norm(p=3), lambda x: torch.linalg.vector_norm(x, ord=3)),
+    case("norm_zero_row", [NORM_ZERO], lambda x: x.norm(axis=1), lambda x: torch.linalg.vector_norm(x, dim=1), numerical=False),
+    case("topk", [(3, 5)], lambda x: x.topk(2)[0], lambda x: x.topk(2).values),
+    case("topk_axis0_smallest", [(4, 3)], lambda x: x.topk(3, axis=0, largest=False)[0], lambda x: x.topk(3, dim=0, largest=False).values),
+    case("sort", [(3, 5)], lambda x: x.sort()[0], lambda x: x.sort().values),
+    case("sort_desc_axis0", [(4, 3)], lambda x: x.sort(axis=0, descending=True)[0], lambda x: x.sort(dim=0, descending=True).values),
+    case("clone", [(3, 4)], lambda x: x.clone() * x, lambda x: x.clone() * x),
+    case("flip", [(3, 4)], lambda x: x.flip(0), lambda x: x.flip(0)),
+    case("flip_two_axes", [(2, 3, 4)], lambda x: x.flip((0, -1)), lambda x: x.flip((0, -1))),
+    case("gather", [(3, 4)], lambda x: x.gather(1, GIDX), lambda x: x.gather(1, T(GIDX))),
+    case("gather_axis0", [(4, 3)], lambda x: mg.gather(x, 0, GIDX), lambda x: torch.gather(x, 0, T(GIDX))),
+    case("gather_smaller_index", [(4, 5)], lambda x: x.gather(1, GIDX[:2, :2]), lambda x: x.gather(1, T(GIDX[:2, :2]))),
+    case("cross_entropy_label_smoothing", [(4, 5), TARGETS], lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1),
+         lambda x, t: TF.cross_entropy(x, t, label_smoothing=0.1)),
+    case("cross_entropy_smoothing_ignore", [(4, 5), TARGETS_IGN], lambda x, t: F.cross_entropy(x, t, label_smoothing=0.3),
+         lambda x, t: TF.cross_entropy(x, t, label_smoothing=0.3)),
+    case("cross_entropy_smoothing_none", [(2, 3, 5), TARGETS_3D], lambda x, t: F.cross_entropy(x, t, reduction="none", label_smoothing=0.2),
+         lambda x, t: TF.cross_entropy(x.permute(0, 2, 1), t, reduction="none", label_smoothing=0.2)),
+    # ---------------------------------------------------------------- numerical edges (PyTorch's answers)
+    case("pow_zero_exponent_at_zero", [POW_ZERO], lambda x: x ** 0, lambda x: x ** 0),
+    case("pow_zero_float_exponent_at_zero", [POW_ZERO], lambda x: x ** 0.0, lambda x: x ** 0.0),
+    case("div_tiny_denominator", [DIV_TINY_A, DIV_TINY_B], DIV, DIV, numerical=False, rtol=1e-12, atol=0),
+    case("logsumexp_nonfinite_rows", [LSE_INF], F.logsumexp, lambda x: torch.logsumexp(x, dim=-1), numerical=False, finite=False),
     # ---------------------------------------------------------------- activations, norms, layers
     case("gelu_tanh", [(3, 4)], F.gelu, lambda x: TF.gelu(x, approximate="tanh"), low=-4.0, high=4.0),
     case("gelu_exact", [(3, 4)], lambda x: F.gelu(x, approximate="none"), lambda x: TF.gelu(x, approximate="none"), low=-4.0, high=4.0),
@@ -284,7 +345,11 @@ def test_float32_stays_float32(backend):
     w = mg.randn(5, 4, requires_grad=True, device=backend)
     outs = [x * 2.0, 2 ** x, x / 3, F.gelu(x), F.gelu(x, approximate="none"), F.softmax(x), F.layer_norm(x),
             mg.linear(x, w), x.var(axis=0),
-            F.cross_entropy(x, np.array([0, 1, 2])), F.dropout(x, 0.5)]
+            F.cross_entropy(x, np.array([0, 1, 2])), F.dropout(x, 0.5),
+            x.sin(), x.cos(), x.abs().log1p().clamp(-1.0, 1.0), x.expm1(), x.sign(), x.square(), x.std(axis=1),
+            x.prod(axis=0), x.cumsum(1), x.norm(), x.topk(2)[0], x.sort()[0], x.clone(), x.flip(0),
+            x.gather(1, np.array([[0], [1], [2]])), x.unsqueeze(0), x ** 0,
+            F.cross_entropy(x, np.array([0, 1, 2]), label_smoothing=0.1), F.logsumexp(x)]
     for o in outs:
         assert o.dtype == np.float32, o
     sum(o.sum() for o in outs).backward()

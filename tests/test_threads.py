@@ -13,7 +13,8 @@ import pytest
 
 from minigrad import Tensor
 from minigrad.kernels import attention as A
-from minigrad.kernels import cpu, fused, pooled, threads
+from minigrad import fused
+from minigrad.kernels import cpu, pooled, threads
 
 needs_pool = pytest.mark.skipif(not threads.blas_info()["pool"],
                                 reason="no OpenBLAS pthreads pool next to NumPy: everything runs serially")

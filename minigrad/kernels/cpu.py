@@ -22,7 +22,7 @@ OpenBLAS's own threads (see ``threads.py``), each chunk one call of the serial l
 reorder sums and contract multiply-adds, but it may not assume that NaN and inf never
 occur, so a NaN still propagates to the loss, where the trainer catches it.
 
-Every kernel has an array-code twin (the ``xp`` path in ``fused.py`` and
+Every kernel has an array-code twin (the ``xp`` path in ``minigrad/fused.py`` and
 ``attention.py``) that runs on CuPy, without Numba, and on float64 (``_exp32`` is a
 float32 function); ``tests/test_kernels_cpu.py`` holds the two equal to float32 accuracy.
 """
