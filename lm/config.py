@@ -35,6 +35,10 @@ class ModelConfig:
     attention: str = "auto"     # "auto" (fastest kernel), "blocked", "flash" (Numba), "naive" (T x T scores)
     checkpoint_every: int = 0   # 0: off; k: checkpoint the blocks in groups of k (recomputed in backward)
     reversible: bool = False    # reversible two-stream blocks: activation memory flat in depth
+    # structured pruning (lm.structured) writes these: per layer, the heads kept (each
+    # n_embd // n_head wide) and the MLP hidden width; None: n_head heads and 4 * n_embd everywhere
+    layer_heads: typing.Optional[list] = None
+    layer_mlp: typing.Optional[list] = None
 
 
 @dataclass
@@ -195,6 +199,14 @@ def validate(cfg: Config) -> None:
                     ("model.n_head", m.n_head), ("train.batch_size", t.batch_size)):
         if v <= 0:
             raise ConfigError(f"{name} must be positive, got {v}")
+    for name, per, top in (("model.layer_heads", m.layer_heads, m.n_head), ("model.layer_mlp", m.layer_mlp, None)):
+        if per is None:
+            continue
+        if not isinstance(per, list) or len(per) != m.n_layer or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in per):
+            raise ConfigError(f"{name} must be a list of {m.n_layer} positive integers (one per layer), got {per!r}")
+        if top is not None and max(per) > top:
+            raise ConfigError(f"{name} cannot exceed model.n_head ({top}) in any layer, got {per!r}")
     if m.checkpoint_every < 0:
         raise ConfigError(f"model.checkpoint_every must be >= 0 (0: off), got {m.checkpoint_every}")
     if not 0.0 <= m.dropout < 1.0:

@@ -67,20 +67,23 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         assert config.n_embd % config.n_head == 0
+        # a structurally pruned layer keeps fewer heads of the same size (config.layer_heads)
+        nh, hs = (config.layer_heads or [config.n_head] * config.n_layer)[layer], config.n_embd // config.n_head
         # key, query, value projections for all heads, in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * nh * hs, bias=config.bias)
+        self.c_proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.n_head, self.head_size, self.n_embd = nh, hs, config.n_embd
         self.attention = config.attention
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
+        B, T, _ = x.shape
+        nh, hs = self.n_head, self.head_size
+        C = nh * hs                                                      # n_embd unless heads were pruned
         qkv = self.c_attn(x)                                             # (B, T, 3C)
         if cache is None and self.attention != "naive" and not (self.training and self.attn_dropout > 0):
             # the steps below (split, heads forward, attention, heads back) as one node
@@ -120,10 +123,11 @@ def attention(q, k, v, dropout_p: float = 0.0, impl: str = "auto"):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = (config.layer_mlp or [4 * config.n_embd] * config.n_layer)[layer]  # pruned: narrower
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.gelu = "none" if config.gelu == "exact" else "tanh"
 
@@ -132,12 +136,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), cache, layer)
@@ -159,7 +163,7 @@ class _Transformer(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
