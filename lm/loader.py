@@ -8,7 +8,13 @@ A folder is recognised by its files and its ``config.json``:
 
 | kind            | how it is recognised                                           |
 |-----------------|----------------------------------------------------------------|
+| ``pruned``      | ``config.json`` with a ``"sparse"`` or ``"low_rank"`` section (lm.compress --prune/--rank/--energy) |
 | ``minigrad``    | ``config.json`` with a ``"model"`` section (written by lm.train) |
+
+A structurally pruned model (fewer heads, narrower MLPs) is an ordinary ``minigrad`` folder:
+its model section carries ``layer_heads``/``layer_mlp``. A ``pruned`` folder holds packed
+weights (``minigrad.sparse``: bitmask or N:M, unpacked to dense on load; no sparse kernel
+runs) and/or low-rank layers (``{"low_rank": {module: rank}}``, built as ``LowRankLinear``).
 
 Each kind is a pair of functions in ``KINDS``: ``detect(model_dir, conf) -> bool`` and
 ``load(model_dir, conf, device) -> (model, tokenizer)``; the first that detects wins, in order.
@@ -73,7 +79,26 @@ def _load_minigrad(model_dir: str, conf: dict, device: str):
     return model, load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
 
 
+def _is_pruned(model_dir: str, conf: dict) -> bool:
+    return "model" in conf and ("sparse" in conf or "low_rank" in conf)
+
+
+def _load_pruned(model_dir: str, conf: dict, device: str):
+    from minigrad.nn.lowrank import low_rank_structure_
+    from minigrad.sparse import load_sparse
+    for name in ("model.safetensors", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise ModelDirError(f"{model_dir} has no {name}: is it a folder written by lm.compress?")
+    model = GPT(model_config_from(conf, os.path.join(model_dir, "config.json")))
+    if conf.get("low_rank"):
+        low_rank_structure_(model, conf["low_rank"])
+    model.load_state_dict(load_sparse(os.path.join(model_dir, "model.safetensors")))
+    model.eval().to(device)
+    return model, load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
+
+
 KINDS: list[tuple[str, object, object]] = [
+    ("pruned", _is_pruned, _load_pruned),
     ("minigrad", _is_minigrad, _load_minigrad),
 ]
 
