@@ -2,6 +2,11 @@
 
     python -m lm.compress --model_dir output/model --quantize q4_0 --output_dir output/model-q4_0
     python -m lm.compress --model_dir output/model --quantize gptq --calib_data data.txt --output_dir out/gptq
+    python -m lm.compress --model_dir output/model --prune wanda --sparsity 0.5 --data data.txt \
+        --finetune_iters 200 --quantize q4_0 --output_dir out/wanda50-q4
+    python -m lm.compress --model_dir output/model --structured heads=0.25,mlp=0.4 --data data.txt \
+        --finetune_iters 200 --output_dir out/structured
+    python -m lm.compress --model_dir output/model --rank 64 --finetune_iters 200 --output_dir out/rank64
 
 A pipeline: load the folder (``lm.loader.load_model``, any kind it knows), run the chosen
 steps in ``STEPS`` order on the model, save the new folder (it opens with the same loader,
@@ -16,6 +21,7 @@ model is changed; bad input ends in one ``error:`` line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +31,7 @@ import numpy as np
 
 from minigrad import quant
 from minigrad.io import atomic_write_text, save_file
+from minigrad.sparse import VALUE_SCHEMES
 
 from .loader import QUANTIZED_FORMAT, ModelDirError, detect_kind, load_model, read_config
 
@@ -72,6 +79,11 @@ def _check_quantize(ctx: Context) -> None:
     a = ctx.args
     if a.quantize not in quant.SCHEMES:
         raise CompressError(f"unknown --quantize scheme {a.quantize!r}; valid: {', '.join(quant.SCHEMES)}")
+    if a.quantize == "gptq" and (a.prune or "sparse" in ctx.conf):
+        raise CompressError("--quantize gptq moves every weight of a row to compensate its errors, so it "
+                            "would fill the pruned zeros: with pruning use q4_0 or q8_0")
+    if any("+" in f or f in VALUE_SCHEMES for f in (ctx.conf.get("sparse") or {}).get("layout", {}).values()):
+        raise CompressError(f"{ctx.model_dir} is already pruned and quantized: start from the float model")
     if ctx.kind == "quantized":
         raise CompressError(f"{ctx.model_dir} is already quantized "
                             f"({ctx.conf['quantization'].get('scheme', '?')}): quantize the float model it came from")
@@ -93,6 +105,13 @@ def _calib_batches(ctx: Context, model):
 
 def _run_quantize(model, ctx: Context):
     a = ctx.args
+    if "sparse" in ctx.conf and "sparse" not in ctx.sections:   # a folder pruned by an earlier run
+        ctx.sections["sparse"] = json.loads(json.dumps(ctx.conf["sparse"]))
+    if ctx.sections.get("sparse") and a.quantize in VALUE_SCHEMES:
+        return _run_sparse_quantize(model, ctx)
+    if ctx.sections.pop("sparse", None):
+        ctx.log(f"note: {a.quantize} stores every weight, zeros included: the sparsity saves no bytes "
+                f"on disk with it (q4_0 and q8_0 store only the kept values)")
     calib = _calib_batches(ctx, model) if a.quantize == "gptq" else None
     quant.quantize_(model, a.quantize, exclude=a.exclude or None, calib=calib,
                     run=lambda m, x: m(x, x), progress=a.progress)
@@ -106,10 +125,184 @@ def _run_quantize(model, ctx: Context):
     return model
 
 
+# --------------------------------------------------------------------------- pruning and low rank
+# Recovery fine-tuning uses plain cross-entropy (lm.recover): distillation from the unpruned
+# teacher belongs to the distillation issue, which has not landed.
+def _needs_calib(ctx: Context, what: str) -> None:
+    if not (ctx.args.data or ctx.args.calib_data):
+        raise CompressError(f"{what} ranks weights by their activations and needs calibration text: "
+                            f"pass --data FILE (or --calib_data FILE)")
+
+
+def _float_source(ctx: Context, flag: str) -> None:
+    if ctx.kind == "quantized":
+        raise CompressError(f"{flag} needs float weights, and {ctx.model_dir} is quantized: "
+                            f"start from the float model it came from")
+
+
+def _check_structured(ctx: Context) -> None:
+    from .structured import parse_spec
+    _float_source(ctx, "--structured")
+    try:
+        spec = parse_spec(ctx.args.structured)
+    except ValueError as e:
+        raise CompressError(str(e)) from None
+    m = ctx.conf["model"]
+    for k, f in spec.items():
+        if not 0.0 <= f < 1.0:
+            raise CompressError(f"--structured {k}={f}: give the fraction to remove, in [0, 1)")
+    heads = m.get("layer_heads") or [m["n_head"]] * m["n_layer"]
+    for i, h in enumerate(heads):
+        if round(spec.get("heads", 0.0) * h) >= h:
+            raise CompressError(f"--structured heads={spec['heads']} would remove every head of layer {i} "
+                                f"({h} heads): keep at least one")
+    _needs_calib(ctx, "--structured")
+    ctx.args._structured = spec
+
+
+def _run_structured(model, ctx: Context):
+    from .structured import block_parameters, prune_structured_
+    n0 = block_parameters(model)
+    spec = ctx.args._structured
+    prune_structured_(model, heads=spec.get("heads", 0.0), mlp=spec.get("mlp", 0.0),
+                      calib=_calib_batches(ctx, model))
+    n1 = block_parameters(model)
+    ctx.done.append({"name": f"structured {ctx.args.structured}", "layer_heads": model.config.layer_heads,
+                     "layer_mlp": model.config.layer_mlp, "block_params": [n0, n1],
+                     "importance": "||X_j||_2 * ||W_proj[:, j]||_2 at each block's output projection"})
+    ctx.log(f"structured pruning: block parameters {n0:,} -> {n1:,} ({100 * (1 - n1 / n0):.1f}% fewer); "
+            f"heads per layer {model.config.layer_heads}, MLP widths {model.config.layer_mlp}")
+    return model
+
+
+def _check_factorize(ctx: Context) -> None:
+    a = ctx.args
+    _float_source(ctx, "--rank/--energy")
+    if a.rank is not None and a.energy is not None:
+        raise CompressError("give --rank R or --energy E, not both")
+    if a.energy is not None and not 0.0 < a.energy <= 1.0:
+        raise CompressError(f"--energy must be in (0, 1] (the share of sum(s^2) to keep), got {a.energy}")
+    if a.rank is not None:
+        m = ctx.conf["model"]
+        hs = m["n_embd"] // m["n_head"]
+        smallest = m["n_embd"]
+        spec = getattr(a, "_structured", {})
+        for h in m.get("layer_heads") or [m["n_head"]] * m["n_layer"]:
+            smallest = min(smallest, (h - int(round(spec.get("heads", 0.0) * h))) * hs)
+        if a.rank < 1 or a.rank >= smallest:
+            raise CompressError(f"--rank must be in [1, {smallest}): a rank >= min(in, out) of a layer "
+                                f"(here {smallest}) factorizes nothing")
+
+
+def _run_factorize(model, ctx: Context):
+    from minigrad.nn.lowrank import factorize_
+    a = ctx.args
+    n0 = model.num_parameters()
+    factorize_(model, rank=a.rank, energy=a.energy, targets=a.prune_targets or None)
+    ranks = dict(model.low_rank_ranks)
+    ctx.sections["low_rank"] = ranks
+    ctx.done.append({"name": f"factorize {'rank ' + str(a.rank) if a.rank else 'energy ' + str(a.energy)}",
+                     "ranks": ranks, "params": [n0, model.num_parameters()]})
+    ctx.log(f"low rank: {len(ranks)} layers factorized, parameters {n0:,} -> {model.num_parameters():,}")
+    return model
+
+
+def _check_prune(ctx: Context) -> None:
+    from minigrad.prune import METHODS, SCOPES, parse_pattern
+    a = ctx.args
+    _float_source(ctx, "--prune")
+    if a.prune not in METHODS:
+        raise CompressError(f"unknown --prune method {a.prune!r}; valid: {', '.join(METHODS)}")
+    if a.scope not in SCOPES:
+        raise CompressError(f"unknown --scope {a.scope!r}; valid: {', '.join(SCOPES)}")
+    try:
+        nm = parse_pattern(a.pattern)
+    except ValueError as e:
+        raise CompressError(str(e)) from None
+    if nm is None and a.sparsity is None:
+        raise CompressError("--prune needs --sparsity S (a fraction in [0, 1)) for unstructured pruning")
+    if a.sparsity is not None and not 0.0 <= a.sparsity < 1.0:
+        raise CompressError(f"--sparsity must be in [0, 1), got {a.sparsity}")
+    if nm is not None:
+        if a.sparsity is not None and abs(a.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise CompressError(f"--pattern {a.pattern} means --sparsity {1 - nm[0] / nm[1]:g}; drop --sparsity "
+                                f"or make them agree")
+        m = ctx.conf["model"]
+        widths = [m["n_embd"]] + list(m.get("layer_mlp") or [4 * m["n_embd"]])
+        bad = [w for w in widths if w % nm[1]]
+        if bad:
+            raise CompressError(f"--pattern {a.pattern} needs every layer's input size to be a multiple of "
+                                f"{nm[1]}; this model has input sizes {sorted(set(bad))}")
+    if a.prune == "wanda":
+        _needs_calib(ctx, "--prune wanda")
+
+
+def _run_prune(model, ctx: Context):
+    from minigrad.prune import prune_, sparsity_of
+    from minigrad.sparse import layout_for
+    a = ctx.args
+    calib = _calib_batches(ctx, model) if a.prune == "wanda" else None
+    nm = a.pattern != "unstructured"
+    prune_(model, a.prune, sparsity=None if nm else a.sparsity, pattern=a.pattern,
+           scope=a.scope, calib=calib, targets=a.prune_targets or None, run=lambda m, x: m(x))
+    got = sparsity_of(model, a.prune_targets or None)["total"]
+    ctx.sections["sparse"] = {"pattern": a.pattern, "layout": layout_for(model, a.pattern)}
+    ctx.done.append({"name": f"prune {a.prune} {a.pattern}" + ("" if nm else f" {a.sparsity:g}"),
+                     "scope": a.scope, "sparsity": got, "calib_batches": len(calib) if calib else 0})
+    ctx.log(f"pruned {a.prune} {a.pattern}: {100 * got:.1f}% of the pruned layers' weights are zero "
+            f"(stored compactly; no speed-up is claimed: the matmuls stay dense)")
+    return model
+
+
+def _check_finetune(ctx: Context) -> None:
+    a = ctx.args
+    _float_source(ctx, "--finetune_iters")
+    if a.finetune_lr <= 0:
+        raise CompressError(f"--finetune_lr must be > 0, got {a.finetune_lr}")
+
+
+def _run_finetune(model, ctx: Context):
+    from minigrad.prune import restore_masks_
+    from .recover import finetune
+    a = ctx.args
+    if "sparse" in ctx.conf and not ctx.sections.get("sparse"):   # a pruned folder: keep its zeros
+        restore_masks_(model)
+        ctx.sections["sparse"] = ctx.conf["sparse"]
+    losses = finetune(model, ctx.corpus().train, a.finetune_iters, lr=a.finetune_lr,
+                      batch_size=a.finetune_batch_size, seed=a.seed, progress=a.progress)
+    ctx.done.append({"name": f"finetune {a.finetune_iters}", "loss": "cross-entropy (no distillation)",
+                     "lr": a.finetune_lr, "first_loss": losses[0], "last_loss": losses[-1]})
+    ctx.log(f"recovery fine-tune: {a.finetune_iters} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    return model
+
+
+def _run_sparse_quantize(model, ctx: Context):
+    """Prune, then quantize: the kept values of each pruned weight go into q4_0/q8_0 blocks
+    (``minigrad.sparse``), the tied embedding into plain blocks; the rest stays float."""
+    from minigrad.sparse import stored_bytes
+    a = ctx.args
+    sp = ctx.sections["sparse"]
+    base = "bitmask" if sp["pattern"] == "unstructured" else sp["pattern"]
+    layout = {n: f"{base}+{a.quantize}" for n in sp["layout"]}
+    wte = "transformer.wte.weight"
+    if model.transformer.wte.weight.shape[1] % quant.BLOCK == 0:
+        layout[wte] = a.quantize
+    sp["layout"] = layout
+    b = stored_bytes(model.state_dict(), layout)
+    ctx.done.append({"name": f"quantize {a.quantize} (kept values only)", "bytes": b})
+    ctx.log(f"prune + {a.quantize}: tensor bytes {b['dense']:,} -> {b['packed']:,} "
+            f"({100 * b['packed'] / b['dense']:.1f}%)")
+    return model
+
+
 # Steps run in this order on the loaded model. A technique adds its flags in add_arguments()
 # and one Step here: merging a LoRA adapter first, then pruning and low-rank factorization,
 # and quantization last (it packs the weights that the others change).
 STEPS: list[Step] = [
+    Step("structured", lambda a: a.structured is not None, _check_structured, _run_structured),
+    Step("factorize", lambda a: a.rank is not None or a.energy is not None, _check_factorize, _run_factorize),
+    Step("prune", lambda a: a.prune is not None, _check_prune, _run_prune),
+    Step("finetune", lambda a: a.finetune_iters > 0, _check_finetune, _run_finetune),
     Step("quantize", lambda a: a.quantize is not None, _check_quantize, _run_quantize),
 ]
 
@@ -124,9 +317,19 @@ def save_compressed(model, tokenizer, ctx: Context, out_dir: str) -> None:
             "compress_steps": json.dumps(ctx.done)}
     if quantized:
         meta["quantization"] = json.dumps(ctx.sections.get("quantization") or ctx.conf["quantization"])
-    save_file(model.state_dict(), os.path.join(out_dir, "model.safetensors"), meta)
+    state = model.state_dict()
+    sparse = ctx.sections.get("sparse")
+    if sparse:   # pruned weights packed (minigrad.sparse); the loader's 'pruned' kind unpacks them
+        from minigrad.sparse import LAYOUT_KEY, pack_state
+        state, layout = pack_state(state, sparse["layout"])
+        meta[LAYOUT_KEY] = json.dumps(layout)
+        meta["format"] = "minigrad-gpt-sparse"
+        meta.pop("quantization", None)
+    save_file(state, os.path.join(out_dir, "model.safetensors"), meta)
     conf = {k: v for k, v in ctx.conf.items()}
     conf.update(ctx.sections)
+    conf["model"] = dataclasses.asdict(model.config)   # structured pruning changes the shapes
+    conf.pop("quantization" if sparse else "sparse", None)   # one of the two describes the weights
     conf["compress"] = {"source": os.path.abspath(ctx.model_dir), "steps": ctx.done}
     atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(conf, indent=2))
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
@@ -147,6 +350,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib_data", default=None, help="calibration text for gptq (file, folder or built-in name)")
     g.add_argument("--calib_batches", type=int, default=8, help="calibration batches for gptq")
     g.add_argument("--calib_batch_size", type=int, default=8, help="sequences per calibration batch")
+    g = p.add_argument_group("pruning and low rank (run before --quantize: prune, then quantize)")
+    g.add_argument("--prune", default=None, metavar="METHOD", help="magnitude or wanda (wanda needs --data)")
+    g.add_argument("--sparsity", type=float, default=None, help="fraction of weights to prune, in [0, 1)")
+    g.add_argument("--pattern", default="unstructured", help="unstructured, 2:4 or 4:8 (N of every M inputs kept)")
+    g.add_argument("--scope", default="layer", help="layer (each layer reaches the sparsity) or global")
+    g.add_argument("--prune_targets", default="", type=lambda s: [x for x in s.split(",") if x],
+                   help="comma-separated module names to prune/factorize (default: every untied Linear)")
+    g.add_argument("--structured", default=None, metavar="SPEC",
+                   help="remove whole heads and MLP channels, e.g. heads=0.25,mlp=0.3 (needs --data)")
+    g.add_argument("--rank", type=int, default=None, help="factorize Linear layers by truncated SVD to this rank")
+    g.add_argument("--energy", type=float, default=None, help="or: per layer, the rank keeping this share of sum(s^2)")
+    g.add_argument("--finetune_iters", type=int, default=0,
+                   help="recovery fine-tune steps after pruning/factorizing (plain cross-entropy, on --data)")
+    g.add_argument("--finetune_lr", type=float, default=3e-4, help="peak learning rate of the recovery fine-tune")
+    g.add_argument("--finetune_batch_size", type=int, default=16, help="sequences per recovery step")
     r = p.add_argument_group("report")
     r.add_argument("--no_report", action="store_true", help="save only; skip the before/after measurement")
     r.add_argument("--eval_batches", type=int, default=40, help="validation batches (0: the whole split)")
@@ -174,8 +392,11 @@ def _validate(args) -> Context:
     steps = [s for s in STEPS if s.wanted(args)]
     if not steps:
         raise CompressError("nothing to do: choose a step, e.g. --quantize q8_0 (schemes: "
-                            + ", ".join(quant.SCHEMES) + ")")
-    for n in ("eval_batches", "decode_tokens", "batch_size", "repeats", "calib_batch_size"):
+                            + ", ".join(quant.SCHEMES) + "), --prune wanda --sparsity 0.5, "
+                            "--structured heads=0.25,mlp=0.3 or --rank 64")
+    if args.finetune_iters < 0:
+        raise CompressError(f"--finetune_iters must be >= 0, got {args.finetune_iters}")
+    for n in ("eval_batches", "decode_tokens", "batch_size", "repeats", "calib_batch_size", "finetune_batch_size"):
         if getattr(args, n) < (0 if n == "eval_batches" else 1):
             raise CompressError(f"--{n} must be {'>= 0' if n == 'eval_batches' else '>= 1'}, got {getattr(args, n)}")
     for s in steps:
@@ -190,7 +411,7 @@ def compress(args, log=print) -> dict:
     steps = [s for s in STEPS if s.wanted(args)]
     model, tok = load_model(args.model_dir, args.device)
     ctx.tokenizer = tok
-    if args.quantize == "gptq":
+    if args.quantize == "gptq" or args.prune == "wanda" or args.structured:
         ctx.corpus(args.calib_data)                  # a bad corpus fails before any work
     if not args.no_report:
         ctx.corpus()

@@ -122,6 +122,9 @@ def _load_quantized(model_dir: str, conf: dict, device: str):
     with skip_init():
         model = _Skeleton(cfg)
     model.__class__ = GPT
+    if conf.get("low_rank"):      # factorized layers stay float (quantize_ packs plain Linears only)
+        from minigrad.nn.lowrank import low_rank_structure_
+        low_rank_structure_(model, conf["low_rank"])
     modules = dict(model.named_modules())
     missing = sorted(set(plan) - set(modules))
     if missing:
@@ -148,6 +151,8 @@ def _load_quantized(model_dir: str, conf: dict, device: str):
     except KeyError as e:
         detail = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())
         raise ModelDirError(f"{path} does not match its config.json: {detail}") from None
+    model.eval().to(device)
+    return model, load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
 
 
 def _is_pruned(model_dir: str, conf: dict) -> bool:
@@ -163,7 +168,13 @@ def _load_pruned(model_dir: str, conf: dict, device: str):
     model = GPT(model_config_from(conf, os.path.join(model_dir, "config.json")))
     if conf.get("low_rank"):
         low_rank_structure_(model, conf["low_rank"])
-    model.load_state_dict(load_sparse(os.path.join(model_dir, "model.safetensors")))
+    path = os.path.join(model_dir, "model.safetensors")
+    try:
+        model.load_state_dict(load_sparse(path))
+    except (KeyError, ValueError) as e:
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ModelDirError(f"{path} does not match its config.json (a truncated or mismatched file?): "
+                            f"{detail}") from None
     model.eval().to(device)
     return model, load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
 

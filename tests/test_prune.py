@@ -273,3 +273,27 @@ def test_factorized_layer_trains():
         opt.step()
         losses.append(float(loss.data))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("fmt,bits", [("bitmask+q4_0", 1 + 4.5 / 2), ("2:4+q4_0", 1 + 4.5 / 2),
+                                      ("bitmask+q8_0", 1 + 8.5 / 2), ("q4_0", 4.5)])
+def test_quantized_values_round_trip(fmt, bits):
+    from minigrad.quant import quantize_tensor
+    from minigrad.sparse import dequantized, pack_state, unpack_state
+    m = MLP(64, 128)
+    if fmt != "q4_0":
+        prune_(m, "magnitude", sparsity=0.5 if fmt.startswith("bitmask") else None,
+               pattern="2:4" if fmt.startswith("2:4") else "unstructured", scope="layer")
+    w = m.fc1.weight.data
+    arrays, meta = pack_state({"w": w}, {"w": fmt})
+    back = unpack_state(arrays, meta)["w"]
+    assert (back[w == 0] == 0).all()
+    assert sum(a.nbytes for a in arrays.values()) * 8 / w.size == pytest.approx(bits, abs=1e-9)
+    np.testing.assert_array_equal(dequantized(w, fmt), back)
+    scheme = fmt.split("+")[-1]
+    if fmt == "q4_0":   # the same numbers as the quantization issue's q4_0 of the dense matrix
+        np.testing.assert_array_equal(back, quantize_tensor(w, "q4_0").dequantize())
+    else:               # the kept values, in their order, are q4_0/q8_0 blocks of 32
+        kept = w[w != 0]
+        ref = quantize_tensor(kept.reshape(1, -1), scheme).dequantize()[0]
+        np.testing.assert_array_equal(back[w != 0], ref)
