@@ -164,8 +164,9 @@ def _run_structured(model, ctx: Context):
     from .structured import block_parameters, prune_structured_
     n0 = block_parameters(model)
     spec = ctx.args._structured
+    # kept MLP widths are multiples of 32 (when wide enough), so the 4-bit block formats apply
     prune_structured_(model, heads=spec.get("heads", 0.0), mlp=spec.get("mlp", 0.0),
-                      calib=_calib_batches(ctx, model))
+                      calib=_calib_batches(ctx, model), mlp_multiple=quant.BLOCK)
     n1 = block_parameters(model)
     ctx.done.append({"name": f"structured {ctx.args.structured}", "layer_heads": model.config.layer_heads,
                      "layer_mlp": model.config.layer_mlp, "block_params": [n0, n1],

@@ -114,9 +114,19 @@ def parse_spec(spec: str) -> dict:
     return out
 
 
-def prune_structured_(model, heads: float = 0.0, mlp: float = 0.0, calib=None, run=None):
+def kept_width(n: int, frac: float, multiple: int = 1) -> int:
+    """Channels kept out of ``n`` when ``frac`` of them go, rounded to a multiple of ``multiple``
+    when at least one multiple is left (block formats such as q4_0 need multiples of 32)."""
+    keep = n - int(round(frac * n))
+    if multiple > 1 and keep >= multiple:
+        keep = max(multiple, int(round(keep / multiple)) * multiple)
+    return keep
+
+
+def prune_structured_(model, heads: float = 0.0, mlp: float = 0.0, calib=None, run=None, mlp_multiple: int = 1):
     """Remove the least important ``heads`` share of each layer's heads and ``mlp`` share of its
-    MLP channels; returns the (smaller) model. ``calib``: batches of token ids (B, T)."""
+    MLP channels; returns the (smaller) model. ``calib``: batches of token ids (B, T).
+    ``mlp_multiple``: round each kept MLP width to a multiple of this (see ``kept_width``)."""
     for name, f in (("heads", heads), ("mlp", mlp)):
         if not (isinstance(f, (int, float)) and 0.0 <= f < 1.0):
             raise ValueError(f"structured pruning: {name} must be a fraction in [0, 1), got {f!r}")
@@ -128,7 +138,8 @@ def prune_structured_(model, heads: float = 0.0, mlp: float = 0.0, calib=None, r
     keep_h, keep_m = {}, {}
     for i, block in enumerate(model.transformer.h):
         keep_h[i] = _keep(score[i]["heads"], int(round(heads * block.attn.n_head)))
-        keep_m[i] = _keep(score[i]["mlp"], int(round(mlp * block.mlp.c_fc.out_features)))
+        n = block.mlp.c_fc.out_features
+        keep_m[i] = _keep(score[i]["mlp"], n - kept_width(n, mlp, mlp_multiple))
     return select_(model, keep_h, keep_m)
 
 

@@ -101,3 +101,13 @@ def test_parse_spec():
         parse_spec("layers=0.5")
     with pytest.raises(ValueError, match="not a number"):
         parse_spec("heads=x")
+
+
+def test_kept_width_rounding():
+    from lm.structured import kept_width
+    assert kept_width(1024, 0.4) == 614
+    assert kept_width(1024, 0.4, 32) == 608
+    assert kept_width(40, 0.5, 32) == 20        # less than one multiple left: as asked
+    m = tiny()
+    prune_structured_(m, mlp=0.3, calib=calib(), mlp_multiple=32)
+    assert m.config.layer_mlp == [96, 96]
