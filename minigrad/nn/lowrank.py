@@ -61,8 +61,8 @@ def factorize_(model, rank: int | None = None, energy: float | None = None, targ
     fine-tuning). By Eckart-Young this is the best rank-r approximation in the Frobenius norm,
     with error ``sqrt(sum of the dropped s_i^2)``. Give either ``rank`` (the same for every
     target; it must be below min(in, out)) or ``energy`` in (0, 1] (per layer, the smallest rank
-    that keeps that share of sum(s^2)); with ``energy``, a layer whose rank would not save
-    parameters (``r (in + out) >= in out``) stays a Linear. ``targets``: module name patterns
+    that keeps that share of sum(s^2)). A layer whose rank would not save parameters
+    (``r (in + out) >= in out``, e.g. rank 128 of a 256 x 256 matrix) stays a Linear. ``targets``: module name patterns
     (``calib.match``), default every untied Linear. The ranks chosen are in ``model.low_rank_ranks``.
     """
     from ..prune import prunable
