@@ -150,3 +150,15 @@ def test_missing_calibration_data(root, tmp_path, capsys, flags, msg):
     assert lc.main(["--model_dir", str(root / "model"), "--output_dir", str(out), *flags, *FAST]) == 2
     assert msg in _err(capsys)
     assert not out.exists()
+
+
+def test_finetune_a_pruned_folder_keeps_its_zeros(root, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run(root, one, "--prune", "magnitude", "--pattern", "2:4", "--no_report") == 0
+    assert lc.main(["--model_dir", str(one), "--output_dir", str(two), "--finetune_iters", "3", "--finetune_lr", "1e-2",
+                    "--data", str(root / "corpus.txt"), "--no_report", "--no_progress"]) == 0
+    a, b = load_model(str(one))[0], load_model(str(two))[0]
+    for n, w in block_weights(b).items():
+        assert check_nm(w, 2, 4) and np.array_equal(w == 0, block_weights(a)[n] == 0), n
+        assert not np.array_equal(w, block_weights(a)[n])          # it did train
+    assert json.loads((two / "config.json").read_text())["sparse"]["pattern"] == "2:4"
