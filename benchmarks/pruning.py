@@ -178,10 +178,11 @@ class Bench:
             for ft in (False, True):
                 rows.append(self.case(f"rank{r}{'-ft' if ft else ''}", ["--rank", str(r), *(self.ft() if ft else [])]))
         path = os.path.join(self.work, "lowrank-steps.json")
+        steps = {}
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 steps = json.load(f)
-        else:
+        if not all(f"rank{r}" in steps for r in self.args.ranks):   # timed together, in one run
             dense, _ = load_model(self.ref)
             models = {"dense": dense}
             models.update({f"rank{r}": load_model(self.folder(f"rank{r}"))[0] for r in self.args.ranks})

@@ -229,7 +229,9 @@ def _check_prune(ctx: Context) -> None:
             raise CompressError(f"--pattern {a.pattern} means --sparsity {1 - nm[0] / nm[1]:g}; drop --sparsity "
                                 f"or make them agree")
         m = ctx.conf["model"]
-        widths = [m["n_embd"]] + list(m.get("layer_mlp") or [4 * m["n_embd"]])
+        hs = m["n_embd"] // m["n_head"]
+        widths = [m["n_embd"]] + [h * hs for h in m.get("layer_heads") or [m["n_head"]]] + \
+            list(m.get("layer_mlp") or [4 * m["n_embd"]])
         bad = [w for w in widths if w % nm[1]]
         if bad:
             raise CompressError(f"--pattern {a.pattern} needs every layer's input size to be a multiple of "
