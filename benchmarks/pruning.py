@@ -14,7 +14,7 @@ distillation issue has not landed, so no teacher is used.
 
 - ``unstructured``: 50% magnitude vs 50% Wanda, before and after recovery.
 - ``nm``: 2:4 magnitude vs Wanda, before and after recovery (every group checked).
-- ``structured``: ``--structured`` (default heads=0.25,mlp=0.4): block parameters, decode
+- ``structured``: each ``--structured`` spec (default heads=0.25,mlp=0.4; several with ``;``): block parameters, decode
   tokens/s at batch 1 with the KV cache (``lm.report.decode_speed``: the two models timed
   alternately, median of ``--repeats``), perplexity ratio dense / pruned before and after recovery.
 - ``lowrank``: ``--rank`` for each of ``--ranks``: parameters, delta loss before/after recovery,
@@ -131,16 +131,26 @@ class Bench:
                                       ["--prune", method, "--pattern", "2:4", *(self.ft() if ft else [])], extra=valid))
         return rows
 
+    @staticmethod
+    def slug(spec):
+        return "structured-" + spec.replace("heads=", "h").replace("mlp=", "m").replace(",", "-")
+
     def structured(self):
-        spec = self.args.structured
-        rows = [self.case("structured", ["--structured", spec]),
-                self.case("structured-ft", ["--structured", spec, *self.ft()])]
-        path = os.path.join(self.work, "structured-speed.json")
+        rows = []
+        for spec in self.args.structured:
+            rows += self._structured(spec)
+        return rows
+
+    def _structured(self, spec):
+        name = self.slug(spec)
+        rows = [self.case(name, ["--structured", spec]),
+                self.case(name + "-ft", ["--structured", spec, *self.ft()])]
+        path = os.path.join(self.work, name + "-speed.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 speed = json.load(f)
         else:
-            pruned, _ = load_model(self.folder("structured-ft"))
+            pruned, _ = load_model(self.folder(name + "-ft"))
             prompt = [int(t) for t in np.asarray(self.data.val[:1])]
             new = self.dense.config.block_size - len(prompt)
             s = decode_speed({"dense": self.dense, "structured": pruned}, prompt, new, self.args.repeats)
@@ -197,12 +207,13 @@ class Bench:
         rows = [self.case("q4_0", ["--quantize", "q4_0"])]
         if not os.path.isfile(os.path.join(self.work, "wanda50-ft.json")):
             self.unstructured()
-        if not os.path.isfile(os.path.join(self.work, "structured-ft.json")):
-            self.structured()
+        st = self.slug(self.args.structured[0]) + "-ft"
+        if not os.path.isfile(os.path.join(self.work, st + ".json")):
+            self._structured(self.args.structured[0])
         rows.append(self.case("wanda50-ft+q4_0", ["--quantize", "q4_0"], source=self.folder("wanda50-ft")))
-        rows.append(self.case("structured-ft+q4_0", ["--quantize", "q4_0"], source=self.folder("structured-ft")))
-        rows.append(self.case("structured-ft+wanda50+q4_0", ["--prune", "wanda", "--sparsity", "0.5", "--quantize", "q4_0"],
-                              source=self.folder("structured-ft")))
+        rows.append(self.case(st + "+q4_0", ["--quantize", "q4_0"], source=self.folder(st)))
+        rows.append(self.case(st + "+wanda50+q4_0", ["--prune", "wanda", "--sparsity", "0.5", "--quantize", "q4_0"],
+                              source=self.folder(st)))
         return rows
 
 
@@ -232,13 +243,14 @@ def report(results: dict, args, bench: Bench) -> str:
             L.append("Every group of 4 inputs holds at most 2 non-zeros: "
                      + ", ".join(f"{r['name']} {r['every_group_2_of_4']}" for r in rows) + ".")
             L.append("")
-        if part == "structured":
-            r = rows[-1]
+        for r in (rows if part == "structured" else []):
+            if not r["name"].endswith("-ft"):
+                continue
             L.append(f"Block parameters {r['dense_block_params']:,} -> {r['block_params']:,} "
                      f"({100 * r['block_params_removed']:.1f}% fewer). Decode at batch 1 with the KV cache, "
                      f"{r['new_tokens']} new tokens, median of {r['repeats']} alternate runs: dense "
                      f"{r['dense_tok_s']:.1f} tok/s, structured {r['structured_tok_s']:.1f} tok/s, "
-                     f"**{r['speedup']:.2f}x**.")
+                     f"**{r['speedup']:.2f}x** ({r['name']}).")
             L.append("")
         if part == "lowrank":
             L += ["| rank | parameters | delta before recovery | delta after | ppl ratio after | train step ms (dense) |",
@@ -271,7 +283,8 @@ def main(argv=None) -> int:
     p.add_argument("--finetune_iters", type=int, default=200)
     p.add_argument("--finetune_batch_size", type=int, default=8)
     p.add_argument("--eval_batches", type=int, default=8, help="validation batches of 16 x block_size")
-    p.add_argument("--structured", default="heads=0.25,mlp=0.4")
+    p.add_argument("--structured", default="heads=0.25,mlp=0.4", type=lambda s: s.split(";"),
+                   help="one or more specs separated by ';' (the first is combined with q4_0)")
     p.add_argument("--ranks", default="32,64,128", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
