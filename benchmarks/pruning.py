@@ -12,7 +12,8 @@ steps (default 200 = 10% of the 2000 training steps) of plain cross-entropy at b
 ``--finetune_batch_size`` (default 8: half the training batch, so 5% of its tokens); the
 distillation issue has not landed, so no teacher is used.
 
-- ``unstructured``: 50% magnitude vs 50% Wanda, before and after recovery.
+- ``unstructured``: 50% magnitude vs 50% Wanda, before and after recovery, and the control:
+  the dense model fine-tuned the same way (``dense-ft``).
 - ``nm``: 2:4 magnitude vs Wanda, before and after recovery (every group checked).
 - ``structured``: each ``--structured`` spec (default heads=0.25,mlp=0.4; several with ``;``): block parameters, decode
   tokens/s at batch 1 with the KV cache (``lm.report.decode_speed``: the two models timed
@@ -113,7 +114,9 @@ class Bench:
 
     # ------------------------------------------------------------------ parts
     def unstructured(self):
-        rows = []
+        # the control: the dense model fine-tuned the same way (the reference is not fully trained,
+        # so part of any "recovery" is just more training)
+        rows = [self.case("dense-ft", self.ft())]
         for method in ("magnitude", "wanda"):
             for ft in (False, True):
                 rows.append(self.case(f"{method}50{'-ft' if ft else ''}",
