@@ -21,7 +21,7 @@ distillation issue has not landed, so no teacher is used.
 - ``lowrank``: ``--rank`` for each of ``--ranks``: parameters, delta loss before/after recovery,
   training step time (dense and factorized steps alternated, median).
 - ``combined``: 50% Wanda (recovered) + q4_0, structured (recovered) + q4_0, structured + 50%
-  Wanda + q4_0: bytes on disk against the float32 file, and quality.
+  Wanda + q4_0 without and with a second recovery: bytes on disk against the float32 file, and quality.
 
 Every case is cached (its folder and a JSON of its numbers under ``$LM_BENCH_DIR/pruning-*``), so
 an interrupted run resumes, and ``--parts`` can run in separate processes. Writes ``report.md`` and
@@ -217,6 +217,8 @@ class Bench:
         rows.append(self.case(st + "+q4_0", ["--quantize", "q4_0"], source=self.folder(st)))
         rows.append(self.case(st + "+wanda50+q4_0", ["--prune", "wanda", "--sparsity", "0.5", "--quantize", "q4_0"],
                               source=self.folder(st)))
+        rows.append(self.case(st + "+wanda50-ft+q4_0", ["--prune", "wanda", "--sparsity", "0.5", *self.ft(),
+                                                        "--quantize", "q4_0"], source=self.folder(st)))
         return rows
 
 
