@@ -75,7 +75,6 @@ def test_wanda_score_by_hand():
     # row 1: (4, .1, .2, 20) -> keep cols 0 and 3; magnitude would keep cols 1, 2 in row 0
     np.testing.assert_array_equal(lin.weight.data != 0, [[True, False, False, True], [True, False, False, True]])
     lin2 = nn.Linear(4, 2, bias=False)
-    lin2.weight.data[...] = lin.weight.data  # (zeros now; rebuild)
     lin2.weight.data[...] = np.array([[1.0, -2.0, 3.0, 0.5], [4.0, 1.0, -1.0, 2.0]], dtype=np.float32)
     prune_(nn.Sequential(lin2), "magnitude", sparsity=0.5)
     np.testing.assert_array_equal(lin2.weight.data != 0, [[False, True, True, False], [True, False, False, True]])
