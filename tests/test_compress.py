@@ -125,7 +125,12 @@ def test_corrupt_truncated_or_mismatched_folders(model_dir, tmp_path, capsys):
     def wrong_scheme(c):
         c["quantization"]["modules"]["lm_head"] = "q8_0"
         return c
-    assert "does not match" in variant("mismatch", conf=wrong_scheme)
+    assert "q8_0 layout needs int8 (a mismatched file)" in variant("mismatch", conf=wrong_scheme)
+
+    def other_shape(c):
+        c["model"]["n_embd"] = 128
+        return c
+    assert "does not match its config.json" in variant("shape", conf=other_shape)
     assert "not 'minigrad-gpt-quantized'" in variant(
         "float", (tmp_path / "x").write_bytes(b"") or (model_dir / "model" / "model.safetensors").read_bytes())
 
