@@ -27,7 +27,7 @@ from ._numba import HAVE_NUMBA, numba
 
 SMALL_N = 8                  # up to this many rows of x: the code-reading loop
 TILE_ELEMS = 1 << 18         # weights per decoded tile on the BLAS path (1 MiB of float32)
-MIN_POOL_BYTES = 1 << 17     # split a matrix-vector product over the pool from this many bytes of codes
+MIN_POOL_BYTES = 1 << 20     # split a matrix-vector product over the pool from this many bytes of codes
 
 _NF4 = None
 
