@@ -11,7 +11,9 @@ Parts (``--parts``, comma separated):
   through the tool (``lm.compress``: quantize, save, and load back through ``lm.loader``), then
   the report's metrics (``lm.report.quality``) over the validation split: loss before/after,
   KL divergence, same-top-1, perplexity ratio; and the size of model.safetensors against the
-  float32 file. GPTQ calibrates on ``--calib_batches`` batches of the training split.
+  float32 file. GPTQ calibrates on ``--calib_batches`` batches of the training split. A scheme
+  written ``q4_0+f16`` also stores the float tensors that stay (norms, biases, position
+  embeddings) as float16 (``lm.compress --rest_dtype float16``).
 * ``speed``: greedy decoding at batch 1 with the KV cache, ``--new_tokens`` new tokens after a
   one-token prompt, at the baby GPT shape (6 x 384, vocab 65, context 256) and a GPT-2-small
   shape (12 x 768, vocab 50304, context 1024), random weights (speed does not depend on the
@@ -80,9 +82,9 @@ def bench_quality(model_dir: str, data: str | None, out: str, eval_batches: int,
         if os.path.isdir(folder):
             import shutil
             shutil.rmtree(folder)
-        argv = ["--model_dir", model_dir, "--quantize", s, "--output_dir", folder, "--no_report",
-                "--no_progress", "--data", corpus]
-        if s == "gptq":
+        argv = ["--model_dir", model_dir, "--quantize", s.split("+")[0], "--output_dir", folder, "--no_report",
+                "--no_progress", "--data", corpus] + (["--rest_dtype", "float16"] if s.endswith("+f16") else [])
+        if s.startswith("gptq"):
             argv += ["--calib_data", corpus, "--calib_batches", str(calib_batches)]
         t0 = time.perf_counter()
         args = lc.build_parser().parse_args(argv)
@@ -96,7 +98,7 @@ def bench_quality(model_dir: str, data: str | None, out: str, eval_batches: int,
         head = quant.bytes_report(model)["by_module"].get("lm_head", {}).get("bytes", 0)
         r = {"delta_loss": q["loss_after"] - q["loss_before"], "kl": q["kl_divergence"], "same_top1": q["same_top1"],
              "ppl_ratio": float(np.exp(q["loss_before"] - q["loss_after"])), "loss": q["loss_after"],
-             "bytes": size, "size_pct": 100 * size / f32_bytes, "bpw": quant.bits_per_weight(s),
+             "bytes": size, "size_pct": 100 * size / f32_bytes, "bpw": quant.bits_per_weight(s.split("+")[0]),
              "head_bytes": head, "quantize_s": t_quant}
         res["schemes"][s] = r
         res["loss_float"] = q["loss_before"]

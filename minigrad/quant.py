@@ -399,10 +399,12 @@ class QuantizedTensor:
 
     @classmethod
     def empty(cls, scheme: str, shape) -> "QuantizedTensor":
-        """Zero arrays of the layout's shapes (filled later by loading a file)."""
+        """Placeholders of the layout's shapes and dtypes, to be replaced by loading a file:
+        read-only zero-stride views of one zero, so a model skeleton holds no memory."""
         f = format_of(scheme)
         f.check(shape)
-        return cls(scheme, shape, {k: np.zeros(s, dt) for k, (s, dt) in _layout(f.name, shape).items()})
+        return cls(scheme, shape, {k: np.broadcast_to(np.zeros((), dt), s)
+                                   for k, (s, dt) in _layout(f.name, shape).items()})
 
     # -- what a Tensor would answer
     @property
