@@ -88,23 +88,35 @@ def gptq_weight(w: np.ndarray, H: np.ndarray, damp: float = 0.01, block: int = 1
 
 
 def gptq_quantize(model, names, batches, run=None, progress: bool = False, damp: float = 0.01,
-                  block: int = 128, shrink=SHRINK) -> dict:
-    """{layer name: QuantizedTensor("gptq")} for the named Linear layers of ``model``."""
+                  block: int = 128, shrink=SHRINK, sequential: bool = True) -> dict:
+    """{layer name: QuantizedTensor("gptq")} for the named Linear layers of ``model``.
+
+    ``sequential`` (GPTQ's own order): the layers are quantized one at a time in the order the
+    model runs them, and each one's Hessian comes from a calibration pass through the model
+    whose earlier layers are quantized already (``replace_``: a function that swaps one layer
+    in), so a layer also corrects what the ones before it got wrong. Without it, one pass over
+    the float model gives every Hessian (faster, a little worse).
+    """
     from .calib import collect
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(list(batches), desc="gptq calibration", unit="batch")
-    stats = collect(model, batches, run=run, modules=list(names), want=("xtx",))
+    from .quant import replace_linears_
+    batches = list(batches)
+    names = list(names)
     modules = dict(model.named_modules())
-    out = {}
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    names.sort(key=order.get)
     it = names
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(list(names), desc="gptq layers", unit="layer")
+        it = tqdm(names, desc="gptq layers", unit="layer")
+    stats = None if sequential else collect(model, batches, run=run, modules=names, want=("xtx",))
+    out = {}
     for n in it:
+        st = collect(model, batches, run=run, modules=[n], want=("xtx",))[n] if sequential else stats[n]
         w = backend.to_numpy(modules[n].weight.data)
-        d, q = gptq_weight(w, stats[n].hessian(), damp, block, shrink)
+        d, q = gptq_weight(w, st.hessian(), damp, block, shrink)
         xp = backend.get_array_module(modules[n].weight.data)
         arrays = Q4_0.pack_codes(d, q)
         out[n] = QuantizedTensor("gptq", w.shape, {k: xp.asarray(a) for k, a in arrays.items()})
+        if sequential:
+            replace_linears_(model, {n: out[n]})
     return out

@@ -281,3 +281,20 @@ def test_gptq_has_lower_layer_output_error_than_round_to_nearest():
     # the q4_0 layout: every block's scale is float16 and every code a nibble, so q4_0 reads it
     fmt = quant.FORMATS["q4_0"]
     assert np.array_equal(fmt.unpack(q.weight.arrays, q.weight.shape), g)
+
+
+@pytest.mark.parametrize("scheme", FORMATS)
+def test_array_path_equals_the_compiled_loops(scheme, monkeypatch):
+    """The path CuPy arrays (and runs without Numba) take: tiles from ``unpack`` and xp.matmul."""
+    lin = nn.Linear(128, 72)
+    q = QuantLinear.from_linear(lin, quantize_tensor(lin.weight.data, scheme))
+    x = np.random.default_rng(0).standard_normal((2, 3, 128)).astype(np.float32)
+    fast = q(mg.tensor(x)).data
+    monkeypatch.setattr(qk, "compiled", lambda *a: False)
+    monkeypatch.setattr(qk, "TILE_ELEMS", 128 * 20)          # several tiles
+    xt = mg.tensor(x, requires_grad=True)
+    slow = q(xt)
+    assert slow.data.dtype == np.float32 and np.allclose(slow.data, fast, rtol=1e-5, atol=1e-5)
+    slow.sum().backward()
+    g = xt.grad.data if hasattr(xt.grad, "data") else xt.grad
+    assert np.allclose(g, np.ones((2, 3, 72), np.float32) @ q.weight.dequantize(), atol=1e-4)
