@@ -328,6 +328,16 @@ def save_compressed(model, tokenizer, ctx: Context, out_dir: str) -> None:
         meta[LAYOUT_KEY] = json.dumps(layout)
         meta["format"] = "minigrad-gpt-sparse"
         meta.pop("quantization", None)
+    if ctx.args.rest_dtype == "float16":
+        # the float tensors that stay (norms, biases, position embeddings) as float16 on disk;
+        # loading casts them back to the parameters' float32
+        from minigrad.sparse import PACKED_SUFFIXES
+        packed = {f"{n}.{b}" for n, m in model.named_modules() for b in getattr(m, "_buffers", {})
+                  if getattr(m, "_keep_buffer_dtypes", False)}
+        state = {k: (v.astype(np.float16) if k not in packed and not k.endswith(PACKED_SUFFIXES)
+                     and v.dtype == np.float32 else v)
+                 for k, v in state.items()}
+        meta["rest_dtype"] = "float16"
     save_file(state, os.path.join(out_dir, "model.safetensors"), meta)
     conf = {k: v for k, v in ctx.conf.items()}
     conf.update(ctx.sections)
@@ -350,6 +360,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", default=None, metavar="SCHEME", help="one of " + ", ".join(quant.SCHEMES))
     g.add_argument("--exclude", default="", type=lambda s: [x for x in s.split(",") if x],
                    help="comma-separated layer names to keep in float, e.g. lm_head or c_proj")
+    g.add_argument("--rest_dtype", default="float32", choices=("float32", "float16"),
+                   help="file dtype of the float tensors that are not quantized (norms, biases, wpe)")
     g.add_argument("--calib_data", default=None, help="calibration text for gptq (file, folder or built-in name)")
     g.add_argument("--calib_batches", type=int, default=8, help="calibration batches for gptq")
     g.add_argument("--calib_batch_size", type=int, default=8, help="sequences per calibration batch")

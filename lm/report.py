@@ -51,8 +51,11 @@ def _log_softmax(z):
 
 @mg.no_grad()
 def quality(before, after, val_tokens, block_size: int, batch_size: int = 16, max_batches: int | None = None,
-            progress: bool = False) -> dict:
-    """Loss of both models, KL(before || after) and same-top-1 over windows of ``val_tokens``."""
+            progress: bool = False, cache: dict | None = None) -> dict:
+    """Loss of both models, KL(before || after) and same-top-1 over windows of ``val_tokens``.
+
+    ``cache``: a dict that keeps ``before``'s logits per batch, for measuring several
+    ``after`` models against one ``before`` (a benchmark); pass the same dict each time."""
     from .data import iter_eval_batches
     batches = list(iter_eval_batches(np.asarray(val_tokens), batch_size, block_size, max_batches))
     if progress:
@@ -60,8 +63,14 @@ def quality(before, after, val_tokens, block_size: int, batch_size: int = 16, ma
         batches = tqdm(batches, desc="evaluate", unit="batch")
     sums = {"nll_before": 0.0, "nll_after": 0.0, "kl": 0.0, "top1": 0.0}
     n = 0
-    for x, y in batches:
-        zb, za = _logits(before, x), _logits(after, x)
+    for i, (x, y) in enumerate(batches):
+        if cache is not None and i in cache:
+            zb = cache[i]
+        else:
+            zb = _logits(before, x)
+            if cache is not None:
+                cache[i] = zb
+        za = _logits(after, x)
         for r in range(len(y)):                        # one row at a time: (T, V) float64 each
             lb, la = _log_softmax(zb[r].astype(np.float64)), _log_softmax(za[r].astype(np.float64))
             idx = y[r][:, None]

@@ -27,7 +27,27 @@ from . import backend
 from .quant import BLOCK, Q4_0, QuantizedTensor
 
 
-def gptq_weight(w: np.ndarray, H: np.ndarray, damp: float = 0.01, block: int = 128):
+SHRINK = tuple(np.linspace(1.0, 0.7, 13))   # scale candidates, as fractions of q4_0's m / -8
+
+
+def group_scale(g: np.ndarray, h: np.ndarray, shrink=SHRINK) -> np.ndarray:
+    """The float32 scale per row of a block g (rows, 32) among ``shrink`` x q4_0's own d = m / -8
+    that rounds g with the least error, weighted by the Hessian's diagonal h (32,) (how much
+    each input channel moves the output). Shrinking below m / -8 clips the largest value a
+    little to round the rest more finely; 1.0 alone is q4_0's choice."""
+    rows = g.shape[0]
+    imax = np.abs(g).argmax(axis=1)
+    d0 = (g[np.arange(rows), imax] / np.float32(-8)).astype(np.float32)
+    if len(shrink) == 1:
+        return d0
+    d = (d0[None, :] * np.asarray(shrink, np.float32)[:, None]).astype(np.float32)        # (S, rows)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+    q = np.clip(np.trunc(g[None] * inv[..., None] + np.float32(8.5)), 0, 15)
+    err = (((q - 8) * d.astype(np.float16).astype(np.float32)[..., None] - g[None]) ** 2 * h).sum(-1)
+    return d[err.argmin(axis=0), np.arange(rows)]
+
+
+def gptq_weight(w: np.ndarray, H: np.ndarray, damp: float = 0.01, block: int = 128, shrink=SHRINK):
     """GPTQ of one weight (rows, cols) with Hessian H (cols, cols) -> (d, q) as Q4_0.pack_codes takes."""
     if block % BLOCK:
         raise ValueError(f"gptq: block ({block}) must be a multiple of {BLOCK}")
@@ -40,6 +60,7 @@ def gptq_weight(w: np.ndarray, H: np.ndarray, damp: float = 0.01, block: int = 1
     H[np.diag_indices(cols)] += damp * np.mean(np.diag(H))
     # upper Cholesky factor of H^-1: row i holds [H^-1]_ii..., scaled as the OBS update needs
     Hinv = np.linalg.cholesky(np.linalg.inv(H)).T
+    hdiag = np.diag(H).astype(np.float32)
     nb = cols // BLOCK
     d_all = np.zeros((rows, nb, 1), np.float32)
     q_all = np.zeros((rows, nb, BLOCK), np.uint8)
@@ -52,8 +73,7 @@ def gptq_weight(w: np.ndarray, H: np.ndarray, damp: float = 0.01, block: int = 1
             c = i1 + i
             if c % BLOCK == 0:                      # the group's scale, from the weights as they are now
                 g = W1[:, i:i + BLOCK].astype(np.float32)    # block % BLOCK == 0: inside W1
-                imax = np.abs(g).argmax(axis=1)
-                d32 = (g[np.arange(rows), imax] / np.float32(-8)).astype(np.float32)
+                d32 = group_scale(g, hdiag[c:c + BLOCK], shrink)
                 inv = np.where(d32 == 0, np.float32(0), np.float32(1) / np.where(d32 == 0, np.float32(1), d32))
                 d16 = d32.astype(np.float16).astype(np.float64)
                 d_all[:, c // BLOCK, 0] = d32
@@ -68,23 +88,35 @@ def gptq_weight(w: np.ndarray, H: np.ndarray, damp: float = 0.01, block: int = 1
 
 
 def gptq_quantize(model, names, batches, run=None, progress: bool = False, damp: float = 0.01,
-                  block: int = 128) -> dict:
-    """{layer name: QuantizedTensor("gptq")} for the named Linear layers of ``model``."""
+                  block: int = 128, shrink=SHRINK, sequential: bool = True) -> dict:
+    """{layer name: QuantizedTensor("gptq")} for the named Linear layers of ``model``.
+
+    ``sequential`` (GPTQ's own order): the layers are quantized one at a time in the order the
+    model runs them, and each one's Hessian comes from a calibration pass through the model
+    whose earlier layers are quantized already (``replace_``: a function that swaps one layer
+    in), so a layer also corrects what the ones before it got wrong. Without it, one pass over
+    the float model gives every Hessian (faster, a little worse).
+    """
     from .calib import collect
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(list(batches), desc="gptq calibration", unit="batch")
-    stats = collect(model, batches, run=run, modules=list(names), want=("xtx",))
+    from .quant import replace_linears_
+    batches = list(batches)
+    names = list(names)
     modules = dict(model.named_modules())
-    out = {}
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    names.sort(key=order.get)
     it = names
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(list(names), desc="gptq layers", unit="layer")
+        it = tqdm(names, desc="gptq layers", unit="layer")
+    stats = None if sequential else collect(model, batches, run=run, modules=names, want=("xtx",))
+    out = {}
     for n in it:
+        st = collect(model, batches, run=run, modules=[n], want=("xtx",))[n] if sequential else stats[n]
         w = backend.to_numpy(modules[n].weight.data)
-        d, q = gptq_weight(w, stats[n].hessian(), damp, block)
+        d, q = gptq_weight(w, st.hessian(), damp, block, shrink)
         xp = backend.get_array_module(modules[n].weight.data)
-        blocks = Q4_0.pack_codes(d, q)
-        out[n] = QuantizedTensor("gptq", w.shape, {"blocks": xp.asarray(blocks)})
+        arrays = Q4_0.pack_codes(d, q)
+        out[n] = QuantizedTensor("gptq", w.shape, {k: xp.asarray(a) for k, a in arrays.items()})
+        if sequential:
+            replace_linears_(model, {n: out[n]})
     return out

@@ -10,12 +10,14 @@ pack/unpack pair over NumPy (or CuPy) arrays; the compiled kernels in
 | fp16   | data float16 (rows, cols)                                       | 16          |
 | bf16   | data uint16 (rows, cols): the top half of the float32 bits, RNE | 16          |
 | int8   | codes int8 (rows, cols), scale float32 (rows,): per output channel, symmetric absmax | 8 + 32/cols |
-| q8_0   | blocks uint8 (rows, cols/32 * 34): GGML's block_q8_0, byte for byte | 8.5     |
-| q4_0   | blocks uint8 (rows, cols/32 * 18): GGML's block_q4_0, byte for byte | 4.5     |
+| q8_0   | codes int8 (rows, cols), scales float16 (rows, cols/32): GGML's block_q8_0 | 8.5 |
+| q4_0   | codes uint8 (rows, cols/2), scales float16 (rows, cols/32): GGML's block_q4_0 | 4.5 |
 | nf4    | codes uint8 (rows, cols/2), absmax_q int8 (rows*cols/64,), absmax_scale float32 (groups of 256 blocks,), absmax_offset float32 (1,) | ~4.13 |
-| gptq   | q4_0's blocks, codes chosen by GPTQ (``minigrad.gptq``)          | 4.5         |
+| gptq   | q4_0's arrays, codes chosen by GPTQ (``minigrad.gptq``)          | 4.5         |
 
-GGML layouts (little endian, one block per 32 consecutive weights of a row):
+GGML layouts (little endian, one block per 32 consecutive weights of a row). We hold the
+bytes of each block in two planes, the scales in one array and the codes in another (see
+``_GGML``); ``FORMATS["q8_0"].ggml_blocks(arrays)`` gives the interleaved structs:
 
 - ``block_q8_0`` (34 bytes): ``d`` float16 = absmax / 127, then 32 int8 codes ``q``;
   w = d * q. Codes are round-half-away-from-zero of w / d (computed in float32, with the
@@ -28,6 +30,14 @@ NF4 (QLoRA): blocks of 64 normalised by their absmax and mapped to the nearest o
 levels placed at quantiles of N(0, 1) (``NF4_LEVELS``, exact zero included); two codes per
 byte, the even element in the low nibble. Double quantization: the block absmaxes, less
 their mean, are quantized again to int8 with one float32 scale per 256 blocks.
+
+The tied embedding / output head (GPT's ``wte`` = ``lm_head``): quantized with the rest by
+default. At the GPT-2-small shape it is 38.6M of 124M weights (31% of the float32 bytes) and
+the largest matrix a decode step reads; kept in float32 it alone would hold a 4-bit model to
+~40% of float32's memory. The embedding follows the head: ``QuantEmbedding`` reads rows of the
+same codes, so they are stored once. ``exclude=["lm_head"]`` keeps both in float (the tie
+stays). In the char-level reference model (vocab 65) it is under 1% of the bytes, so there
+the choice costs nothing either way; the benchmark reports its share.
 
 The block rule: a matrix whose input size is not a multiple of the scheme's block (32 for
 q8_0/q4_0/gptq, 64 for nf4) is refused with an error that names it; ``quantize_`` checks
@@ -170,9 +180,42 @@ class Int8(Format):
         return shape[0] * shape[1] + 4 * shape[0]
 
 
-class Q8_0(Format):
-    name, block, main, kinds = "q8_0", BLOCK, "blocks", {"blocks": "codes"}
-    type_size = 34
+class _GGML(Format):
+    """A GGML block format kept as two planes: ``codes`` and float16 ``scales`` (rows, cols/32).
+
+    The bytes are GGML's, in a different order: ``ggml_blocks`` interleaves them into the
+    block structs (scale, then codes) that GGUF files hold, ``from_ggml`` splits them again.
+    Why planes: a compiled loop over a row of contiguous codes vectorizes (8 or 16 weights
+    per instruction); over interleaved 34- or 18-byte structs it does not, and ran 5-10x
+    slower here. llama.cpp repacks Q4_0 for its SIMD kernels at load time for the same reason.
+    """
+    block, main = BLOCK, "codes"
+    kinds = {"codes": "codes", "scales": "scales"}
+    type_size = 0
+    code_bytes = 0                          # bytes of codes per block
+
+    def ggml_blocks(self, arrays: dict):
+        """GGML's block structs, byte for byte: (rows, cols/32 * type_size) uint8."""
+        xp = _xp(arrays["codes"])
+        rows, nb = arrays["scales"].shape
+        d = xp.ascontiguousarray(arrays["scales"]).view(np.uint8).reshape(rows, nb, 2)
+        q = xp.ascontiguousarray(arrays["codes"]).view(np.uint8).reshape(rows, nb, self.code_bytes)
+        return xp.concatenate([d, q], axis=-1).reshape(rows, -1)
+
+    def from_ggml(self, blocks) -> dict:
+        xp = _xp(blocks)
+        rows = blocks.shape[0]
+        b = blocks.reshape(rows, -1, self.type_size)
+        d = xp.ascontiguousarray(b[..., :2]).view(np.float16).reshape(rows, -1)
+        q = xp.ascontiguousarray(b[..., 2:]).reshape(rows, -1)
+        return {"codes": q.view(np.int8) if self.name == "q8_0" else q, "scales": d}
+
+    def nbytes(self, shape):
+        return shape[0] * shape[1] // BLOCK * self.type_size
+
+
+class Q8_0(_GGML):
+    name, type_size, code_bytes = "q8_0", 34, 32
 
     def pack(self, w):
         xp = _xp(w)
@@ -180,26 +223,20 @@ class Q8_0(Format):
         d = (xp.abs(b).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
         inv = xp.where(d == 0, np.float32(0), np.float32(1) / xp.where(d == 0, np.float32(1), d)).astype(np.float32)
         q = _roundf((b * inv).astype(np.float32)).astype(np.int8)
-        out = xp.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=-1)  # (rows, nb, 34)
-        return {"blocks": out.reshape(w.shape[0], -1)}
+        return {"codes": q.reshape(w.shape), "scales": d[..., 0].astype(np.float16)}
 
     def unpack(self, arrays, shape, rows=None, dtype=np.float32):
-        blk = self.rows_of(arrays, rows)["blocks"]
-        blk = blk.reshape(blk.shape[:-1] + (-1, self.type_size))
-        d = _f16_from(blk[..., :2])
-        q = _xp(blk).ascontiguousarray(blk[..., 2:]).view(np.int8).astype(np.float32)
-        return (q * d).reshape(blk.shape[:-2] + (-1,)).astype(dtype, copy=False)
-
-    def nbytes(self, shape):
-        return shape[0] * shape[1] // BLOCK * self.type_size
+        a = self.rows_of(arrays, rows)
+        q, d = a["codes"], a["scales"]
+        w = q.reshape(q.shape[:-1] + (-1, BLOCK)).astype(np.float32) * d.astype(np.float32)[..., None]
+        return w.reshape(q.shape).astype(dtype, copy=False)
 
 
-class Q4_0(Format):
-    name, block, main, kinds = "q4_0", BLOCK, "blocks", {"blocks": "codes"}
-    type_size = 18
+class Q4_0(_GGML):
+    name, type_size, code_bytes = "q4_0", 18, 16
 
     def pack(self, w):
-        return {"blocks": self.pack_codes(*self.scales_codes(w.astype(np.float32)))}
+        return self.pack_codes(*self.scales_codes(w.astype(np.float32)))
 
     @staticmethod
     def scales_codes(w):
@@ -214,24 +251,19 @@ class Q4_0(Format):
         return d, xp.clip(q, 0, 15).astype(np.uint8)
 
     @staticmethod
-    def pack_codes(d, q):
-        """d (rows, nb, 1) float32, q (rows, nb, 32) uint8 0..15 -> GGML blocks (rows, nb*18)."""
-        xp = _xp(q)
-        qs = q[..., :16] | (q[..., 16:] << np.uint8(4))
-        out = xp.concatenate([_f16_bytes(d), qs], axis=-1)
-        return out.reshape(q.shape[0], -1)
+    def pack_codes(d, q) -> dict:
+        """d (rows, nb, 1) float32, q (rows, nb, 32) uint8 0..15 -> the q4_0 arrays."""
+        qs = q[..., :16] | (q[..., 16:] << np.uint8(4))                  # GGML's nibble order
+        return {"codes": qs.reshape(q.shape[0], -1), "scales": d[..., 0].astype(np.float16)}
 
     def unpack(self, arrays, shape, rows=None, dtype=np.float32):
-        blk = self.rows_of(arrays, rows)["blocks"]
-        blk = blk.reshape(blk.shape[:-1] + (-1, self.type_size))
-        xp = _xp(blk)
-        d = _f16_from(blk[..., :2])
-        qs = blk[..., 2:]
+        a = self.rows_of(arrays, rows)
+        qs, d = a["codes"], a["scales"]
+        xp = _xp(qs)
+        qs = qs.reshape(qs.shape[:-1] + (-1, 16))
         q = xp.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=-1).astype(np.float32) - 8
-        return (q * d).reshape(blk.shape[:-2] + (-1,)).astype(dtype, copy=False)
-
-    def nbytes(self, shape):
-        return shape[0] * shape[1] // BLOCK * self.type_size
+        w = q * d.astype(np.float32)[..., None]
+        return w.reshape(qs.shape[:-2] + (-1,)).astype(dtype, copy=False)
 
 
 def nf4_levels() -> np.ndarray:
@@ -328,8 +360,8 @@ def _layout(fmt: str, shape) -> dict:
     return {"fp16": {"data": ((r, c), np.float16)},
             "bf16": {"data": ((r, c), np.uint16)},
             "int8": {"codes": ((r, c), np.int8), "scale": ((r,), np.float32)},
-            "q8_0": {"blocks": ((r, c // BLOCK * Q8_0.type_size), np.uint8)},
-            "q4_0": {"blocks": ((r, c // BLOCK * Q4_0.type_size), np.uint8)},
+            "q8_0": {"codes": ((r, c), np.int8), "scales": ((r, c // BLOCK), np.float16)},
+            "q4_0": {"codes": ((r, c // 2), np.uint8), "scales": ((r, c // BLOCK), np.float16)},
             "nf4": {"codes": ((r, c // 2), np.uint8), "absmax_q": ((nb4,), np.int8),
                     "absmax_scale": ((-(-nb4 // NF4_GROUP),), np.float32),
                     "absmax_offset": ((1,), np.float32)}}[fmt]
@@ -375,10 +407,12 @@ class QuantizedTensor:
 
     @classmethod
     def empty(cls, scheme: str, shape) -> "QuantizedTensor":
-        """Zero arrays of the layout's shapes (filled later by loading a file)."""
+        """Placeholders of the layout's shapes and dtypes, to be replaced by loading a file:
+        read-only zero-stride views of one zero, so a model skeleton holds no memory."""
         f = format_of(scheme)
         f.check(shape)
-        return cls(scheme, shape, {k: np.zeros(s, dt) for k, (s, dt) in _layout(f.name, shape).items()})
+        return cls(scheme, shape, {k: np.broadcast_to(np.zeros((), dt), s)
+                                   for k, (s, dt) in _layout(f.name, shape).items()})
 
     # -- what a Tensor would answer
     @property
@@ -427,15 +461,10 @@ class QuantizedTensor:
         return int(sum(a.nbytes for a in self.arrays.values()))
 
     def bytes_by_kind(self) -> dict:
-        """{"codes": bytes, "scales": bytes}; GGML blocks hold both (2 scale bytes per block)."""
+        """{"codes": bytes, "scales": bytes}."""
         out = {"codes": 0, "scales": 0}
         for k, a in self.arrays.items():
-            if k == "blocks":
-                scale = 2 * a.nbytes // self.format.type_size
-                out["scales"] += int(scale)
-                out["codes"] += int(a.nbytes - scale)
-            else:
-                out[self.format.kinds[k]] += int(a.nbytes)
+            out[self.format.kinds[k]] += int(a.nbytes)
         return out
 
     @property
@@ -503,6 +532,8 @@ def quantize_(model, scheme: str, exclude=None, calib=None, run=None, progress: 
         from .gptq import gptq_quantize
         packed = gptq_quantize(model, [n for n, _ in linears], calib, run=run, progress=progress,
                                **(gptq_options or {}))
+        linears = [(n, m) for n, m in linears if type(dict(model.named_modules()).get(n)) is Linear]
+        packed = {n: packed[n] for n, _ in linears}      # the sequential pass swapped the others in already
     else:
         packed = {}
         it = linears

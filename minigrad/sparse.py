@@ -14,7 +14,8 @@ Two layouts, each a pack/unpack pair on NumPy arrays:
 
 **With quantization** (``lm.compress --prune ... --quantize q4_0``: prune, then quantize), the
 kept values themselves are stored in a block format of ``minigrad.quant`` (``q4_0``/``q8_0``,
-blocks of 32 consecutive kept values, flattened row-major, the last block zero-padded):
+blocks of 32 consecutive kept values, flattened row-major, the last block zero-padded; its arrays
+as ``name.q_codes`` and ``name.q_scales``):
 ``bitmask+q4_0`` costs 1 + 4.5 * density bits per weight, ``2:4+q4_0`` costs 1 + 2.25 (2-bit
 positions for half the weights, 4.5 bits per value), both 3.25 bits at 50%, 10.2% of float32.
 A weight with no mask can be stored as ``q4_0``/``q8_0`` alone (the tied embedding).
@@ -36,7 +37,7 @@ from . import backend
 from .io import load_file, load_metadata, save_file
 
 LAYOUT_KEY = "sparse_layout"
-PACKED_SUFFIXES = (".sparse_bitmask", ".sparse_values", ".nm_values", ".nm_indices", ".q_values")
+PACKED_SUFFIXES = (".sparse_bitmask", ".sparse_values", ".nm_values", ".nm_indices", ".q_codes", ".q_scales")
 
 
 def _np(a) -> np.ndarray:
@@ -110,19 +111,30 @@ def unpack_nm(values, indices, shape, n: int, m: int) -> np.ndarray:
 VALUE_SCHEMES = ("q4_0", "q8_0")
 
 
-def _pack_values(v: np.ndarray, scheme: str) -> np.ndarray:
+def _pack_values(v: np.ndarray, scheme: str) -> dict:
+    """The arrays of ``scheme`` (e.g. q4_0's ``codes`` and ``scales``) for ``v`` flattened, padded to 32."""
     from .quant import BLOCK, format_of
     flat = np.ascontiguousarray(v, dtype=np.float32).ravel()
     pad = (-flat.size) % BLOCK
     flat = np.concatenate([flat, np.zeros(pad, np.float32)])
-    return format_of(scheme).pack(flat.reshape(1, -1))[format_of(scheme).main]
+    return {k: np.asarray(a) for k, a in format_of(scheme).pack(flat.reshape(1, -1)).items()}
 
 
-def _unpack_values(blocks: np.ndarray, count: int, scheme: str) -> np.ndarray:
+def _unpack_values(arrays: dict, count: int, scheme: str) -> np.ndarray:
     from .quant import BLOCK, format_of
-    f = format_of(scheme)
     n = count + (-count) % BLOCK
-    return np.asarray(f.unpack({f.main: blocks}, (1, n)))[0, :count]
+    return np.asarray(format_of(scheme).unpack(arrays, (1, n)))[0, :count]
+
+
+def _put_values(out: dict, name: str, v: np.ndarray, scheme: str) -> list:
+    packed = _pack_values(v, scheme)
+    for k, a in packed.items():
+        out[f"{name}.q_{k}"] = a
+    return sorted(packed)
+
+
+def _get_values(arrays: dict, name: str, keys, count: int, scheme: str) -> np.ndarray:
+    return _unpack_values({k: arrays[f"{name}.q_{k}"] for k in keys}, count, scheme)
 
 
 def split_format(fmt: str):
@@ -153,24 +165,24 @@ def pack_state(state: dict, layout: dict) -> tuple[dict, dict]:
             arrays[name] = a
             continue
         base, scheme = split_format(fmt)
+        info = {"format": fmt, "shape": list(a.shape), "dtype": str(a.dtype)}
         if base is None:
-            arrays[name + ".q_values"] = _pack_values(a, scheme)
+            values = a
         elif base == "bitmask":
             p = pack_bitmask(a)
-            arrays[name + ".sparse_bitmask"] = p["bitmask"]
-            arrays[name + (".q_values" if scheme else ".sparse_values")] = \
-                _pack_values(p["values"], scheme) if scheme else p["values"]
-            if scheme:
-                meta_count = int(p["values"].size)
+            arrays[name + ".sparse_bitmask"], values = p["bitmask"], p["values"]
+            if not scheme:
+                arrays[name + ".sparse_values"] = values
         else:
             n, m = (int(s) for s in base.split(":"))
             p = pack_nm(a, n, m)
-            arrays[name + ".nm_indices"] = p["indices"]
-            arrays[name + (".q_values" if scheme else ".nm_values")] = \
-                _pack_values(p["values"], scheme) if scheme else p["values"]
-        meta[name] = {"format": fmt, "shape": list(a.shape), "dtype": str(a.dtype)}
-        if scheme and base == "bitmask":
-            meta[name]["count"] = meta_count
+            arrays[name + ".nm_indices"], values = p["indices"], p["values"]
+            if not scheme:
+                arrays[name + ".nm_values"] = values
+        if scheme:
+            info["q_keys"] = _put_values(arrays, name, values, scheme)
+            info["count"] = int(values.size)
+        meta[name] = info
     missing = sorted(set(layout) - set(state))
     if missing:
         raise KeyError(f"layout names weights that are not in the state dict: {missing[:3]}")
@@ -184,18 +196,16 @@ def unpack_state(arrays: dict, meta: dict) -> dict:
         shape = tuple(info["shape"])
         base, scheme = split_format(info["format"])
         dt = np.dtype(info.get("dtype", "float32"))
+        vals = _get_values(arrays, name, info["q_keys"], info["count"], scheme).astype(dt) if scheme else None
         if base is None:
-            out[name] = _unpack_values(arrays[name + ".q_values"], int(np.prod(shape)), scheme).reshape(shape).astype(dt)
+            out[name] = vals.reshape(shape)
         elif base == "bitmask":
-            bits = arrays[name + ".sparse_bitmask"]
-            vals = _unpack_values(arrays[name + ".q_values"], info["count"], scheme).astype(dt) if scheme \
-                else arrays[name + ".sparse_values"]
-            out[name] = unpack_bitmask(bits, vals, shape)
+            out[name] = unpack_bitmask(arrays[name + ".sparse_bitmask"],
+                                       vals if scheme else arrays[name + ".sparse_values"], shape)
         else:
             n, m = (int(s) for s in base.split(":"))
-            vals = _unpack_values(arrays[name + ".q_values"], shape[0] * shape[1] * n // m, scheme).astype(dt) \
-                if scheme else arrays[name + ".nm_values"]
-            out[name] = unpack_nm(vals, arrays[name + ".nm_indices"], shape, n, m)
+            out[name] = unpack_nm(vals if scheme else arrays[name + ".nm_values"], arrays[name + ".nm_indices"],
+                                  shape, n, m)
     return out
 
 

@@ -125,7 +125,12 @@ def test_corrupt_truncated_or_mismatched_folders(model_dir, tmp_path, capsys):
     def wrong_scheme(c):
         c["quantization"]["modules"]["lm_head"] = "q8_0"
         return c
-    assert "does not match" in variant("mismatch", conf=wrong_scheme)
+    assert "q8_0 layout needs int8 (a mismatched file)" in variant("mismatch", conf=wrong_scheme)
+
+    def other_shape(c):
+        c["model"]["n_embd"] = 128
+        return c
+    assert "does not match its config.json" in variant("shape", conf=other_shape)
     assert "not 'minigrad-gpt-quantized'" in variant(
         "float", (tmp_path / "x").write_bytes(b"") or (model_dir / "model" / "model.safetensors").read_bytes())
 
@@ -135,3 +140,34 @@ def test_parser_has_the_documented_flags():
     assert {"model_dir", "quantize", "output_dir", "calib_data", "calib_batches", "exclude"} <= flags
     assert [s.name for s in lc.STEPS][-1] == "quantize"
     assert os.path.basename(lc.__file__) == "compress.py"
+
+
+def test_loading_a_quantized_folder_never_builds_the_float_weights(model_dir, tmp_path):
+    import tracemalloc
+    q = tmp_path / "q"
+    assert lc.main(["--model_dir", str(model_dir / "model"), "--quantize", "q4_0", "--output_dir", str(q),
+                    "--no_report", "--no_progress"]) == 0
+    f32 = (model_dir / "model" / "model.safetensors").stat().st_size
+    load_model(str(q))                                    # warm: imports, compiled kernels
+    tracemalloc.start()
+    model, _ = load_model(str(q))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # the file's bytes, the arrays read from them and their copies in the layers: about four times
+    # the 4-bit bytes (~17% of float32 each), below one float32 copy of the matrices (~94% of the file)
+    assert peak < 0.75 * f32, (peak, f32)
+    floats = [n for n, p in model.named_parameters() if p.ndim == 2 and p.shape[0] > 32 and "wpe" not in n]
+    assert floats == []
+
+
+def test_rest_dtype_float16_halves_the_float_tensors_and_loads_as_float32(model_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, extra in ((a, []), (b, ["--rest_dtype", "float16"])):
+        assert lc.main(["--model_dir", str(model_dir / "model"), "--quantize", "q4_0", "--output_dir", str(d),
+                        "--no_report", "--no_progress", *extra]) == 0
+    sa, sb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert sb["transformer.wpe.weight"].dtype == np.float16 and sb["lm_head.weight_codes"].dtype == np.uint8
+    assert np.array_equal(sa["lm_head.weight_codes"], sb["lm_head.weight_codes"])
+    m, _ = load_model(str(b))
+    assert m.transformer.wpe.weight.dtype == np.float32
+    assert (b / "model.safetensors").stat().st_size < (a / "model.safetensors").stat().st_size

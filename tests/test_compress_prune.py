@@ -162,3 +162,17 @@ def test_finetune_a_pruned_folder_keeps_its_zeros(root, tmp_path):
         assert check_nm(w, 2, 4) and np.array_equal(w == 0, block_weights(a)[n] == 0), n
         assert not np.array_equal(w, block_weights(a)[n])          # it did train
     assert json.loads((two / "config.json").read_text())["sparse"]["pattern"] == "2:4"
+
+
+def test_prune_quantize_with_float16_rest(root, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    flags = ["--prune", "magnitude", "--sparsity", "0.5", "--quantize", "q4_0", "--no_report"]
+    assert run(root, a, *flags) == 0
+    assert run(root, b, *flags, "--rest_dtype", "float16") == 0
+    state = load_file(str(b / "model.safetensors"))
+    assert state["transformer.ln_f.weight"].dtype == np.float16
+    assert all(v.dtype == np.uint8 for k, v in state.items() if k.endswith((".q_codes", ".sparse_bitmask")))
+    assert (b / "model.safetensors").stat().st_size < (a / "model.safetensors").stat().st_size
+    ma, mb = load_model(str(a))[0], load_model(str(b))[0]
+    for n, w in block_weights(mb).items():
+        np.testing.assert_array_equal(w, block_weights(ma)[n])      # the packed weights are untouched

@@ -53,13 +53,14 @@ def test_bits_per_weight_and_container_bytes():
         assert quant.bits_per_weight(scheme) == bpw
     assert 4.12 < quant.bits_per_weight("nf4") < 4.14          # 4 + 8/64 + a little
     qt = quantize_tensor(_w(64, 256), "q8_0")
-    assert qt.nbytes == 64 * 256 // 32 * 34
+    assert qt.nbytes == 64 * 256 // 32 * 34 == qt.format.ggml_blocks(qt.arrays).nbytes
     assert qt.bytes_by_kind() == {"codes": 64 * 256, "scales": 64 * 256 // 32 * 2}
 
 
 def test_q8_0_block_by_hand():
     x = np.arange(-16, 16, dtype=np.float32) * 0.5               # absmax 8 -> d = 8/127
-    blk = quantize_tensor(x[None], "q8_0").arrays["blocks"][0]
+    qt = quantize_tensor(x[None], "q8_0")
+    blk = qt.format.ggml_blocks(qt.arrays)[0]
     assert blk.size == 34
     d = np.float32(8) / np.float32(127)
     assert blk[:2].tobytes() == np.float16(d).tobytes()
@@ -72,7 +73,8 @@ def test_q8_0_block_by_hand():
 def test_q4_0_block_by_hand():
     x = np.zeros(32, np.float32)
     x[0], x[1], x[16], x[31] = -4.0, 1.0, 2.0, -0.5   # largest magnitude -4 -> d = -4/-8 = 0.5
-    blk = quantize_tensor(x[None], "q4_0").arrays["blocks"][0]
+    qt = quantize_tensor(x[None], "q4_0")
+    blk = qt.format.ggml_blocks(qt.arrays)[0]
     assert blk.size == 18 and blk[:2].tobytes() == np.float16(0.5).tobytes()
     codes = [min(15, int(v / 0.5 + 8.5)) for v in x]           # trunc(x/d + 8.5), clipped
     assert codes[0] == 0 and codes[1] == 10 and codes[16] == 12 and codes[31] == 7
@@ -122,7 +124,10 @@ def test_gguf_package_gives_the_same_bytes():
     w[1, 5] = 1e-3
     for scheme, t in [("q8_0", gguf.GGMLQuantizationType.Q8_0), ("q4_0", gguf.GGMLQuantizationType.Q4_0)]:
         ref = gguf.quants.quantize(w, t)
-        assert np.array_equal(ref, quantize_tensor(w, scheme).arrays["blocks"]), scheme
+        qt = quantize_tensor(w, scheme)
+        assert np.array_equal(ref, qt.format.ggml_blocks(qt.arrays)), scheme
+        back = qt.format.from_ggml(ref)
+        assert all(np.array_equal(back[k], qt.arrays[k]) for k in qt.arrays)
         assert np.array_equal(gguf.quants.dequantize(ref, t), quantize_tensor(w, scheme).dequantize())
     ref = gguf.quants.quantize(w, gguf.GGMLQuantizationType.BF16)
     assert np.array_equal(ref.view(np.uint16).reshape(w.shape), quant.bf16_from_f32(w))
@@ -141,7 +146,7 @@ def test_block_rule_refuses_with_the_layer_name():
 def test_mismatched_arrays_are_rejected():
     qt = quantize_tensor(_w(), "q4_0")
     with pytest.raises(QuantError, match="truncated or mismatched"):
-        quant.QuantizedTensor("q4_0", (48, 128), {"blocks": qt.arrays["blocks"][:, :-1]})
+        quant.QuantizedTensor("q4_0", (48, 128), {"codes": qt.arrays["codes"][:, :-1], "scales": qt.arrays["scales"]})
     with pytest.raises(QuantError, match="missing array"):
         quant.QuantizedTensor("int8", (48, 128), {"codes": np.zeros((48, 128), np.int8)})
 
@@ -276,3 +281,20 @@ def test_gptq_has_lower_layer_output_error_than_round_to_nearest():
     # the q4_0 layout: every block's scale is float16 and every code a nibble, so q4_0 reads it
     fmt = quant.FORMATS["q4_0"]
     assert np.array_equal(fmt.unpack(q.weight.arrays, q.weight.shape), g)
+
+
+@pytest.mark.parametrize("scheme", FORMATS)
+def test_array_path_equals_the_compiled_loops(scheme, monkeypatch):
+    """The path CuPy arrays (and runs without Numba) take: tiles from ``unpack`` and xp.matmul."""
+    lin = nn.Linear(128, 72)
+    q = QuantLinear.from_linear(lin, quantize_tensor(lin.weight.data, scheme))
+    x = np.random.default_rng(0).standard_normal((2, 3, 128)).astype(np.float32)
+    fast = q(mg.tensor(x)).data
+    monkeypatch.setattr(qk, "compiled", lambda *a: False)
+    monkeypatch.setattr(qk, "TILE_ELEMS", 128 * 20)          # several tiles
+    xt = mg.tensor(x, requires_grad=True)
+    slow = q(xt)
+    assert slow.data.dtype == np.float32 and np.allclose(slow.data, fast, rtol=1e-5, atol=1e-5)
+    slow.sum().backward()
+    g = xt.grad.data if hasattr(xt.grad, "data") else xt.grad
+    assert np.allclose(g, np.ones((2, 3, 72), np.float32) @ q.weight.dequantize(), atol=1e-4)
