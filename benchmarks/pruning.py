@@ -214,7 +214,10 @@ class Bench:
         if not os.path.isfile(os.path.join(self.work, st + ".json")):
             self._structured(self.args.structured[0])
         rows.append(self.case("wanda50-ft+q4_0", ["--quantize", "q4_0"], source=self.folder("wanda50-ft")))
+        rows.append(self.case("wanda50-ft+q4_0+f16", ["--quantize", "q4_0", "--rest_dtype", "float16"],
+                              source=self.folder("wanda50-ft")))
         rows.append(self.case(st + "+q4_0", ["--quantize", "q4_0"], source=self.folder(st)))
+        rows.append(self.case(st + "+q4_0+f16", ["--quantize", "q4_0", "--rest_dtype", "float16"], source=self.folder(st)))
         rows.append(self.case(st + "+wanda50+q4_0", ["--prune", "wanda", "--sparsity", "0.5", "--quantize", "q4_0"],
                               source=self.folder(st)))
         rows.append(self.case(st + "+wanda50-ft+q4_0", ["--prune", "wanda", "--sparsity", "0.5", *self.ft(),
