@@ -35,6 +35,13 @@ class ModelConfig:
     attention: str = "auto"     # "auto" (fastest kernel), "blocked", "flash" (Numba), "naive" (T x T scores)
     checkpoint_every: int = 0   # 0: off; k: checkpoint the blocks in groups of k (recomputed in backward)
     reversible: bool = False    # reversible two-stream blocks: activation memory flat in depth
+    # architecture switches (README "Architecture switches")
+    n_kv_head: int = 0          # key/value heads; 0: n_head (plain multi-head), 1: multi-query, else grouped-query
+    attn_window: int = 0        # sliding-window attention over the last w positions; 0: full causal
+    position: str = "learned"   # "learned" (GPT-2's table) or "rope" (rotary, applied to q and k)
+    share_layers: int = 0       # 0: off; k: the n_layer blocks cycle through k shared blocks (1: ALBERT, one block)
+    low_rank: int = 0           # 0: off; r: MLP weights (and attention's, see low_rank_attn) as rank-r U V
+    low_rank_attn: bool = False  # with low_rank: c_attn and attn.c_proj low-rank too
 
 
 @dataclass
@@ -187,6 +194,29 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def validate_architecture(m: ModelConfig) -> None:
+    """The architecture switches, alone and together (GPT() calls it too)."""
+    nkv = m.n_kv_head or m.n_head
+    if m.n_kv_head < 0 or m.n_head % nkv:
+        raise ConfigError(f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}): "
+                          f"each key/value head serves the same number of query heads (0: n_head)")
+    if m.attn_window < 0:
+        raise ConfigError(f"model.attn_window must be >= 0 (0: full causal attention), got {m.attn_window}")
+    if m.position not in ("learned", "rope"):
+        raise ConfigError(f"model.position must be 'learned' or 'rope', got {m.position!r}")
+    if m.position == "rope" and (m.n_embd // max(m.n_head, 1)) % 2:
+        raise ConfigError(f"model.position=rope rotates pairs of features: the head size "
+                          f"n_embd / n_head = {m.n_embd // max(m.n_head, 1)} must be even")
+    if m.share_layers < 0 or (m.share_layers and m.n_layer % m.share_layers):
+        raise ConfigError(f"model.share_layers ({m.share_layers}) must divide model.n_layer ({m.n_layer}): "
+                          f"the layers cycle through that many shared blocks (0: no sharing)")
+    if m.low_rank < 0 or m.low_rank >= m.n_embd:
+        raise ConfigError(f"model.low_rank must be in [0, n_embd) = [0, {m.n_embd}), got {m.low_rank}: "
+                          f"a rank of n_embd or more saves nothing (0: full-rank layers)")
+    if m.low_rank_attn and not m.low_rank:
+        raise ConfigError("model.low_rank_attn needs model.low_rank > 0 (the rank to use)")
+
+
 def validate(cfg: Config) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
     if m.n_embd % m.n_head:
@@ -203,6 +233,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_IMPLS)}, got {m.attention!r}")
     if m.gelu not in ("tanh", "exact"):
         raise ConfigError(f"model.gelu must be 'tanh' or 'exact', got {m.gelu!r}")
+    validate_architecture(m)
     if d.tokenizer not in ("char", "bpe"):
         raise ConfigError(f"data.tokenizer must be 'char' or 'bpe', got {d.tokenizer!r}")
     if not 0.0 < d.val_fraction < 1.0:

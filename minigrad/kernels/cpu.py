@@ -209,46 +209,55 @@ if HAVE_NUMBA:
         return m
 
     @numba.njit(**_JIT)
-    def softmax_rows_fwd(s, scale, row0, causal, lse, inv):
+    def softmax_rows_fwd(s, scale, row0, causal, lse, inv, window=0):
         """s (BH, R, S) raw scores of query rows row0.. -> exp(s scale - row max) in place,
         unnormalised; inv (BH, R) = 1 / row sum, lse (BH, R) = log-sum-exp of s scale.
 
         The caller scales the (R, D) output rows by inv instead of the (R, S) probabilities.
-        Causal: row row0 + r sees keys 0 .. row0 + r; the rest is set to 0 and never exp'd.
+        Causal: row row0 + r sees keys 0 .. row0 + r (with ``window`` > 0: only from
+        row0 + r - window + 1); the rest is set to 0 and never exp'd.
         """
         BH, R, S = s.shape
         for b in range(BH):
             for r in range(R):
                 n = min(S, row0 + r + 1) if causal else S
+                lo = max(0, row0 + r - window + 1) if (causal and window > 0) else 0
                 row = s[b, r]
-                m = _row_max(row, n) * scale
+                m = _row_max(row[lo:], n - lo) * scale
                 tot = _f(0.0)
-                for j in range(n):
+                for j in range(lo, n):
                     e = _exp32(row[j] * scale - m)
                     row[j] = e
                     tot += e
+                for j in range(lo):
+                    row[j] = _f(0.0)
                 for j in range(n, S):
                     row[j] = _f(0.0)
                 inv[b, r] = _f(1.0) / tot
                 lse[b, r] = m + math.log(tot)
 
     @numba.njit(**_JIT)
-    def softmax_rows_bwd(s, dp, lse, delta, scale, row0, causal):
+    def softmax_rows_bwd(s, dp, lse, delta, scale, row0, causal, window=0):
         """s: raw scores -> P = exp(s scale - lse) in place; dp = dO V^T -> dS scale in place.
 
-        Causal: row r sees the tile's keys 0 .. row0 + r, row0 being the position of the first
-        row counted from the tile's first key.
+        Causal: row r sees the tile's keys 0 .. row0 + r (with ``window`` > 0: from
+        row0 + r - window + 1), row0 being the position of the first row counted from the
+        tile's first key.
         """
         BH, R, S = s.shape
         for b in range(BH):
             for r in range(R):
                 n = max(0, min(S, row0 + r + 1)) if causal else S
+                lo = min(n, max(0, row0 + r - window + 1)) if (causal and window > 0) else 0
                 l = lse[b, r]
                 dl = delta[b, r]
-                for j in range(n):
+                for j in range(lo, n):
                     p = _exp32(s[b, r, j] * scale - l)
                     s[b, r, j] = p
                     dp[b, r, j] = p * (dp[b, r, j] - dl) * scale
+                for j in range(lo):
+                    s[b, r, j] = _f(0.0)
+                    dp[b, r, j] = _f(0.0)
                 for j in range(n, S):
                     s[b, r, j] = _f(0.0)
                     dp[b, r, j] = _f(0.0)
