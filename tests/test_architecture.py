@@ -91,12 +91,13 @@ def test_rope_window_generates_past_block_size_on_a_window_cache():
     m = make(np.float64, position="rope", attn_window=5, n_kv_head=2)
     for p in m.parameters():
         p.data = p.data * 4
-    seen = []
+    seen, chunks = [], []
     real = KVCache._append_rolling
 
     def spy(self, layer, k, v):
         out = real(self, layer, k, v)
         seen.append(self._kbuf[layer].shape[2])
+        chunks.append(k.shape[2])
         return out
     KVCache._append_rolling = spy
     try:
@@ -104,6 +105,7 @@ def test_rope_window_generates_past_block_size_on_a_window_cache():
     finally:
         KVCache._append_rolling = real
     assert len(seq) == 3 + 64 and set(seen) == {5}
+    assert chunks[:2] == [3, 3] and set(chunks[2:]) == {1}      # one prefill, never re-read
     with mg.no_grad():
         for t in range(3, len(seq), 7):
             logits, _ = m(np.array([seq[:t]]))
