@@ -144,15 +144,24 @@ def _step(model, opt, x, y, mt=None):
 
 
 def _decode_tps(model, prompt_len: int, new: int, reps: int) -> list:
-    """Tokens/s of greedy decoding with the KV cache, batch 1, after a prompt of prompt_len."""
-    from lm.generate import generate_ids
+    """Tokens/s of greedy decoding with the KV cache, batch 1: the prompt of prompt_len is read
+    first (not timed), then ``new`` tokens one at a time (timed), as lm.generate does."""
+    from lm.model import KVCache
+    c = model.config
     rng = np.random.default_rng(0)
-    prompt = [int(t) for t in rng.integers(0, model.config.vocab_size, prompt_len)]
+    prompt = rng.integers(0, c.vocab_size, (1, prompt_len))
+    model.eval()
     out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        generate_ids(model, prompt, new, "greedy")
-        out.append(new / (time.perf_counter() - t0))
+    with mg.no_grad():
+        for _ in range(reps):
+            cache = KVCache(c.n_layer, capacity=c.block_size, window=c.attn_window)
+            logits = model.logits_last(prompt, cache)
+            t0 = time.perf_counter()
+            for _ in range(new):
+                tok = np.asarray(mg.backend.to_numpy(logits)).argmax(axis=-1)
+                logits = model.logits_last(tok[:, None], cache)
+            out.append(new / (time.perf_counter() - t0))
+    model.train()
     return out
 
 
