@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -180,7 +179,6 @@ def kv_bytes_per_position(model) -> float:
 
 def measure(args, variants, vocab: int, log=print) -> dict:
     """Step time (interleaved), peak memory, KV bytes, decode tokens/s for each variant."""
-    from lm.loader import model_config_from
     res = {}
     built = {}
     for v in variants:
