@@ -151,6 +151,14 @@ def _check_structured(ctx: Context) -> None:
     for k, f in spec.items():
         if not 0.0 <= f < 1.0:
             raise CompressError(f"--structured {k}={f}: give the fraction to remove, in [0, 1)")
+    if m.get("n_kv_head", 0) not in (0, m["n_head"]) or m.get("share_layers", 0):
+        from .config import ModelConfig
+        from .structured import check_prunable
+        try:
+            check_prunable(ModelConfig(n_head=m["n_head"], n_kv_head=m.get("n_kv_head", 0),
+                                       share_layers=m.get("share_layers", 0)))
+        except ValueError as e:
+            raise CompressError(f"--structured: {e}") from None
     heads = m.get("layer_heads") or [m["n_head"]] * m["n_layer"]
     for i, h in enumerate(heads):
         if round(spec.get("heads", 0.0) * h) >= h:

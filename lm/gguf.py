@@ -67,11 +67,11 @@ def check_exportable(config) -> None:
         problems.append(f"gelu={config.gelu!r} (GPT-2 and ggml_gelu use the tanh approximation)")
     if config.reversible:
         problems.append("reversible=true (two-stream blocks are not GPT-2's residual stack)")
-    defaults = {"n_head_kv": None, "window": 0, "rope": False, "position": "learned", "share_layers": 0,
-                "low_rank": 0}
+    defaults = {"n_head_kv": None, "n_kv_head": 0, "window": 0, "attn_window": 0, "rope": False,
+                "position": "learned", "share_layers": 0, "low_rank": 0}
     for k, ok in defaults.items():          # switches of other issues, when present, must be off
         v = getattr(config, k, ok)
-        if v not in (ok, None, 0, False, "learned", config.n_head if k == "n_head_kv" else ok):
+        if v not in (ok, None, 0, False, "learned", config.n_head if k in ("n_head_kv", "n_kv_head") else ok):
             problems.append(f"{k}={v!r} (not part of GPT-2)")
     if problems:
         raise ValueError("this model cannot be exported as a GPT-2 GGUF: " + "; ".join(problems))

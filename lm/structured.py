@@ -18,6 +18,15 @@ over its channels. Each layer loses ``round(fraction * count)`` of its lowest-sc
 channels (the same share in every layer, so no layer is emptied by a global ranking); a
 channel that contributes nothing (zero activations or a zero column) scores 0 and goes first,
 and removing it leaves the outputs unchanged (tested).
+
+**With the architecture switches (lm.config).** ``position=rope`` and ``attn_window`` need
+nothing: a kept head keeps its width and its rotation. ``low_rank`` layers (``LowRankLinear``)
+are cut through their factors (rows of U for the outputs, columns of V for the inputs); one
+cut to ``min(in, out) <= rank`` becomes a plain Linear, as ``lm.model`` builds such a layer.
+Grouped-query / multi-query attention (``n_kv_head`` other than 0 or n_head) is refused: a head
+is removed with its own key and value head, and a kv head shared by a group cannot be; the
+same rule is checked on the config (``validate_layers``). ``share_layers`` is refused too: a
+shared block serves several layers, whose importance would have to be ranked together.
 """
 from __future__ import annotations
 
@@ -27,6 +36,9 @@ import numpy as np
 
 from minigrad import backend, nn
 from minigrad.calib import collect
+from minigrad.nn.lowrank import LowRankLinear
+
+from .config import NO_GQA_PRUNING
 
 
 def _norms(stats, name):
@@ -45,9 +57,9 @@ def importance(model, calib, run=None) -> dict:
     for i, block in enumerate(model.transformer.h):
         pre = f"transformer.h.{i}"
         a = block.attn
-        wa = np.linalg.norm(backend.to_numpy(a.c_proj.weight.data).astype(np.float64), axis=0)
+        wa = np.linalg.norm(_dense(a.c_proj).astype(np.float64), axis=0)
         ch = _norms(stats, f"{pre}.attn.c_proj") * wa
-        wm = np.linalg.norm(backend.to_numpy(block.mlp.c_proj.weight.data).astype(np.float64), axis=0)
+        wm = np.linalg.norm(_dense(block.mlp.c_proj).astype(np.float64), axis=0)
         out[i] = {"heads": ch.reshape(a.n_head, a.head_size).sum(axis=1),
                   "mlp": _norms(stats, f"{pre}.mlp.c_proj") * wm}
     return out
@@ -71,8 +83,55 @@ def _np(p):
     return None if p is None else backend.to_numpy(p.data)
 
 
+def _dense(m):
+    """The (out, in) weight of a Linear or a LowRankLinear (U V), as a NumPy array."""
+    if isinstance(m, LowRankLinear):
+        return _np(m.U) @ _np(m.V)
+    return _np(m.weight)
+
+
+def _cut(m, device, rows=None, cols=None):
+    """``m`` keeping output features ``rows`` and input features ``cols`` (None: all). A
+    LowRankLinear is cut through its factors and stays low rank while its rank is below
+    min(in, out) of the result; otherwise it becomes the Linear of its product (lm.model's rule)."""
+    b = _np(m.bias)
+    if b is not None and rows is not None:
+        b = b[rows]
+    if isinstance(m, LowRankLinear):
+        u, v = _np(m.U), _np(m.V)
+        if rows is not None:
+            u = u[rows]
+        if cols is not None:
+            v = v[:, cols]
+        if m.rank >= min(u.shape[0], v.shape[1]):
+            return _linear(u @ v, b, device)
+        lr = LowRankLinear(v.shape[1], u.shape[0], m.rank, bias=b is not None, dtype=u.dtype)
+        lr.U.data = backend.to_device(np.ascontiguousarray(u), device)
+        lr.V.data = backend.to_device(np.ascontiguousarray(v), device)
+        if b is not None:
+            lr.bias.data = backend.to_device(np.ascontiguousarray(b), device)
+        return lr
+    w = _np(m.weight)
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    return _linear(w, b, device)
+
+
+def check_prunable(config) -> None:
+    """Raise ValueError for the architecture switches structured pruning does not handle."""
+    if config.n_kv_head not in (0, config.n_head):
+        raise ValueError(f"{NO_GQA_PRUNING}; this model has n_kv_head={config.n_kv_head}, "
+                         f"n_head={config.n_head}")
+    if config.share_layers:
+        raise ValueError(f"structured pruning does not support model.share_layers={config.share_layers}: "
+                         f"a shared block serves several layers at once")
+
+
 def select_(model, keep_heads: dict, keep_mlp: dict):
     """Keep heads ``keep_heads[layer]`` and MLP channels ``keep_mlp[layer]`` (index arrays); returns model."""
+    check_prunable(model.config)
     dev = model.device
     heads, widths = [], []
     for i, block in enumerate(model.transformer.h):
@@ -84,16 +143,14 @@ def select_(model, keep_heads: dict, keep_mlp: dict):
         cols = (kh[:, None] * hs + np.arange(hs)).ravel()                   # channels of the kept heads
         C = nh * hs
         rows = np.concatenate([cols, C + cols, 2 * C + cols])              # their q, k and v rows
-        w, b = _np(a.c_attn.weight), _np(a.c_attn.bias)
-        a.c_attn = _linear(w[rows], None if b is None else b[rows], dev)
-        a.c_proj = _linear(_np(a.c_proj.weight)[:, cols], _np(a.c_proj.bias), dev)
-        a.n_head = int(kh.size)
+        a.c_attn = _cut(a.c_attn, dev, rows=rows)
+        a.c_proj = _cut(a.c_proj, dev, cols=cols)
+        a.n_head = a.n_kv_head = int(kh.size)                              # n_kv_head = n_head (check_prunable)
         km = np.asarray(keep_mlp.get(i, np.arange(mlp.c_fc.out_features)), dtype=np.int64)
         if km.size == 0:
             raise ValueError(f"layer {i}: cannot remove every MLP channel of a layer; keep at least one")
-        w, b = _np(mlp.c_fc.weight), _np(mlp.c_fc.bias)
-        mlp.c_fc = _linear(w[km], None if b is None else b[km], dev)
-        mlp.c_proj = _linear(_np(mlp.c_proj.weight)[:, km], _np(mlp.c_proj.bias), dev)
+        mlp.c_fc = _cut(mlp.c_fc, dev, rows=km)
+        mlp.c_proj = _cut(mlp.c_proj, dev, cols=km)
         heads.append(int(kh.size))
         widths.append(int(km.size))
     model.config = dataclasses.replace(model.config, layer_heads=heads, layer_mlp=widths)
@@ -130,6 +187,7 @@ def prune_structured_(model, heads: float = 0.0, mlp: float = 0.0, calib=None, r
     for name, f in (("heads", heads), ("mlp", mlp)):
         if not (isinstance(f, (int, float)) and 0.0 <= f < 1.0):
             raise ValueError(f"structured pruning: {name} must be a fraction in [0, 1), got {f!r}")
+    check_prunable(model.config)
     for i, block in enumerate(model.transformer.h):
         if round(heads * block.attn.n_head) >= block.attn.n_head:
             raise ValueError(f"heads={heads} would remove every head of layer {i} "

@@ -111,3 +111,62 @@ def test_kept_width_rounding():
     m = tiny()
     prune_structured_(m, mlp=0.3, calib=calib(), mlp_multiple=32)
     assert m.config.layer_mlp == [96, 96]
+
+
+# --------------------------------------------------------------------------- with the architecture switches
+def test_structured_with_rope_window_and_low_rank_saves_loads_generates(tmp_path):
+    """A structurally pruned RoPE + sliding-window + low-rank model is an ordinary model folder:
+    it saves, loads (lm.loader), matches the pruned model and generates (cached = uncached)."""
+    from lm.loader import load_model
+    from lm.tokenizer import build_tokenizer
+    from lm.train import save_model_dir
+    from minigrad import nn
+    from minigrad.nn import LowRankLinear
+    tok = build_tokenizer("char", "abcdefghijklmnopqrst")
+    assert tok.vocab_size == 20                 # tiny()'s vocabulary
+    m = tiny(position="rope", attn_window=6, low_rank=8, low_rank_attn=True)
+    batches = calib()
+    prune_structured_(m, heads=0.75, mlp=0.5, calib=batches)
+    assert m.config.layer_heads == [1, 1] and m.config.layer_mlp == [64, 64]
+    for block in m.transformer.h:
+        assert isinstance(block.mlp.c_fc, LowRankLinear) and isinstance(block.attn.c_attn, LowRankLinear)
+        assert block.mlp.c_fc.out_features == 64 and block.attn.c_attn.out_features == 3 * 8
+        # 1 head: attn.c_proj is 8 -> 32, rank 8 is not below min(in, out): a plain Linear (lm.model's rule)
+        assert type(block.attn.c_proj) is nn.Linear
+    cfg = Config(model=m.config)
+    save_model_dir(str(tmp_path / "model"), m, tok, cfg)
+    loaded, _ = load_model(str(tmp_path / "model"))
+    assert loaded.config.layer_heads == [1, 1] and loaded.config.position == "rope"
+    idx = batches[0]
+    m.eval()
+    np.testing.assert_allclose(loaded(idx, idx)[0].data, m(idx, idx)[0].data, rtol=1e-6, atol=1e-6)
+    # past block_size on the rolling cache (RoPE + window): cached equals uncached within the window
+    a = generate_ids(loaded, [1, 2, 3], 20, "greedy", use_cache=True)
+    b = generate_ids(loaded, [1, 2, 3], 20, "greedy", use_cache=False)
+    assert a == b and len(a[0]) == 23           # 23 > block_size 16
+
+
+def test_structured_refuses_gqa_and_shared_layers():
+    with pytest.raises(ValueError, match="grouped-query / multi-query attention .* not supported"):
+        prune_structured_(tiny(n_kv_head=2), heads=0.25, calib=calib())
+    with pytest.raises(ValueError, match="share_layers"):
+        prune_structured_(tiny(share_layers=1), heads=0.25, calib=calib())
+    # n_kv_head = n_head is plain multi-head attention: allowed, and a pruned layer keeps one kv head per head
+    m = tiny(n_kv_head=4, position="rope")
+    prune_structured_(m, heads=0.5, calib=calib())
+    assert [b.attn.n_kv_head for b in m.transformer.h] == [2, 2]
+    fresh = GPT(m.config)
+    fresh.load_state_dict(m.state_dict())
+    idx = calib(1)[0]
+    np.testing.assert_array_equal(fresh(idx, idx)[0].data, m(idx, idx)[0].data)
+    # and the config says the same before any model is built
+    cfg = Config()
+    cfg.model.n_kv_head, cfg.model.layer_heads = 2, [2, 2, 2, 2]
+    with pytest.raises(ConfigError, match="n_kv_head = 0 or n_head"):
+        validate(cfg)
+    cfg.model.n_kv_head, cfg.model.share_layers = 0, 2
+    cfg.model.layer_heads = [2, 3, 2, 3]
+    validate(cfg)
+    cfg.model.layer_heads = [2, 3, 3, 2]
+    with pytest.raises(ConfigError, match="period 2"):
+        validate(cfg)
