@@ -72,6 +72,7 @@ sys.path.insert(0, ROOT)
 
 import minigrad as mg  # noqa: E402
 from minigrad import functional as MF  # noqa: E402
+from minigrad import attention as mattn  # noqa: E402
 from minigrad.kernels import attention as katt  # noqa: E402
 from lm.config import ModelConfig  # noqa: E402
 from lm.generate import generate_ids  # noqa: E402
@@ -506,7 +507,7 @@ def attn_runner(name: str, q, k, v, do):
         def run():
             qt, kt, vt = (mg.Tensor(a, requires_grad=True) for a in (q, k, v))
             t0 = time.perf_counter()
-            y = katt.attention(qt, kt, vt, causal=True, impl="auto") if name == "node" else \
+            y = mattn.attention(qt, kt, vt, causal=True, impl="auto") if name == "node" else \
                 MF.scaled_dot_product_attention(qt, kt, vt, causal=True)
             t1 = time.perf_counter()
             y.backward(do)

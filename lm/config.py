@@ -36,6 +36,25 @@ class ModelConfig:
     attention: str = "auto"     # "auto" (fastest kernel), "blocked", "flash" (Numba), "naive" (T x T scores)
     checkpoint_every: int = 0   # 0: off; k: checkpoint the blocks in groups of k (recomputed in backward)
     reversible: bool = False    # reversible two-stream blocks: activation memory flat in depth
+    # structured pruning (lm.structured) writes these: per layer, the heads kept (each
+    # n_embd // n_head wide) and the MLP hidden width; None: n_head heads and 4 * n_embd everywhere
+    layer_heads: typing.Optional[list] = None
+    layer_mlp: typing.Optional[list] = None
+    # architecture switches (README "Architecture switches")
+    n_kv_head: int = 0          # key/value heads; 0: n_head (plain multi-head), 1: multi-query, else grouped-query
+    attn_window: int = 0        # sliding-window attention over the last w positions; 0: full causal
+    position: str = "learned"   # "learned" (GPT-2's table) or "rope" (rotary, applied to q and k)
+    share_layers: int = 0       # 0: off; k: the n_layer blocks cycle through k shared blocks (1: ALBERT, one block)
+    low_rank: int = 0           # 0: off; r: MLP weights (and attention's, see low_rank_attn) as rank-r U V
+    low_rank_attn: bool = False  # with low_rank: c_attn and attn.c_proj low-rank too
+
+    def heads_of(self, layer: int) -> int:
+        """Query heads of layer ``layer``: n_head unless structured pruning kept fewer."""
+        return self.layer_heads[layer] if self.layer_heads else self.n_head
+
+    def mlp_of(self, layer: int) -> int:
+        """MLP hidden width of layer ``layer``: 4 * n_embd unless structured pruning narrowed it."""
+        return self.layer_mlp[layer] if self.layer_mlp else 4 * self.n_embd
 
 
 @dataclass
@@ -204,6 +223,57 @@ def keys_set_by(path: str | None, overrides: list[str]) -> set:
     return seen
 
 
+def validate_architecture(m: ModelConfig) -> None:
+    """The architecture switches, alone and together (GPT() calls it too)."""
+    nkv = m.n_kv_head or m.n_head
+    if m.n_kv_head < 0 or m.n_head % nkv:
+        raise ConfigError(f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}): "
+                          f"each key/value head serves the same number of query heads (0: n_head)")
+    if m.attn_window < 0:
+        raise ConfigError(f"model.attn_window must be >= 0 (0: full causal attention), got {m.attn_window}")
+    if m.position not in ("learned", "rope"):
+        raise ConfigError(f"model.position must be 'learned' or 'rope', got {m.position!r}")
+    if m.position == "rope" and (m.n_embd // max(m.n_head, 1)) % 2:
+        raise ConfigError(f"model.position=rope rotates pairs of features: the head size "
+                          f"n_embd / n_head = {m.n_embd // max(m.n_head, 1)} must be even")
+    if m.share_layers < 0 or (m.share_layers and m.n_layer % m.share_layers):
+        raise ConfigError(f"model.share_layers ({m.share_layers}) must divide model.n_layer ({m.n_layer}): "
+                          f"the layers cycle through that many shared blocks (0: no sharing)")
+    if m.low_rank < 0 or m.low_rank >= m.n_embd:
+        raise ConfigError(f"model.low_rank must be in [0, n_embd) = [0, {m.n_embd}), got {m.low_rank}: "
+                          f"a rank of n_embd or more saves nothing (0: full-rank layers)")
+    if m.low_rank_attn and not m.low_rank:
+        raise ConfigError("model.low_rank_attn needs model.low_rank > 0 (the rank to use)")
+    validate_layers(m)
+
+
+def validate_layers(m: ModelConfig) -> None:
+    """The per-layer widths structured pruning writes (layer_heads, layer_mlp), and how they
+    combine with the architecture switches (validate_architecture runs this)."""
+    for name, per, top in (("model.layer_heads", m.layer_heads, m.n_head), ("model.layer_mlp", m.layer_mlp, None)):
+        if per is None:
+            continue
+        if not isinstance(per, list) or len(per) != m.n_layer or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in per):
+            raise ConfigError(f"{name} must be a list of {m.n_layer} positive integers (one per layer), got {per!r}")
+        if top is not None and max(per) > top:
+            raise ConfigError(f"{name} cannot exceed model.n_head ({top}) in any layer, got {per!r}")
+        k = m.share_layers
+        if k and any(per[i] != per[i % k] for i in range(m.n_layer)):
+            raise ConfigError(f"{name} with model.share_layers={k}: layer i runs shared block i % {k}, so "
+                              f"the widths must repeat with period {k}, got {per!r}")
+    # The rule for grouped-query / multi-query attention: structured pruning removes whole heads,
+    # each with its own key/value head, so a pruned layer needs n_kv_head = n_head (or 0). Pruning
+    # a GQA layer would have to remove kv heads together with their query groups; not supported.
+    if m.layer_heads is not None and m.n_kv_head not in (0, m.n_head):
+        raise ConfigError(f"{NO_GQA_PRUNING} (model.n_kv_head={m.n_kv_head}, model.n_head={m.n_head}, "
+                          f"model.layer_heads={m.layer_heads!r})")
+
+
+NO_GQA_PRUNING = ("structured head pruning needs model.n_kv_head = 0 or n_head (one key/value head per "
+                  "query head); grouped-query / multi-query attention (n_kv_head < n_head) is not supported")
+
+
 def validate(cfg: Config) -> None:
     """Check every value's range before any folder is made or any step runs (ConfigError names it)."""
     m, t, d = cfg.model, cfg.train, cfg.data
@@ -224,6 +294,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
     need(m.attention in ATTENTION_IMPLS, "model.attention", "one of " + ", ".join(ATTENTION_IMPLS), m.attention)
     need(m.gelu in ("tanh", "exact"), "model.gelu", "'tanh' or 'exact'", m.gelu)
+    validate_architecture(m)
     need(d.tokenizer in ("char", "bpe"), "data.tokenizer", "'char' or 'bpe'", d.tokenizer)
     if d.tokenizer == "bpe":
         need(d.vocab_size >= 256, "data.vocab_size", ">= 256 for a BPE tokenizer (its 256 byte tokens "

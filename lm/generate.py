@@ -8,7 +8,9 @@ keeps the keys and values of past positions, so each new token costs one positio
 When the text outgrows the context window, the cached path re-reads the last
 ``block_size - block_size // 4`` tokens and goes on incrementally (the context never
 shrinks below three quarters of the window); ``use_cache=False`` always re-reads the
-last full window. Both give the same tokens while the text fits in the window.
+last full window. Both give the same tokens while the text fits in the window. A model
+with RoPE and a sliding window (``attn_window``) instead keeps a rolling cache of the last
+``attn_window`` positions and never re-reads: it generates past block_size on that cache.
 """
 from __future__ import annotations
 
@@ -73,11 +75,18 @@ def filter_top_p(logits, p: float):
 
 # --------------------------------------------------------------------------- decoding
 class _Stepper:
-    """Feeds tokens to the model, with or without a KV cache, cropping to the window."""
+    """Feeds tokens to the model, with or without a KV cache, cropping to the window.
+
+    With ``attn_window`` the cache is a rolling buffer of that many positions; with RoPE
+    as well (``model.unbounded``) it is never re-read: generation runs past block_size on
+    a cache of ``attn_window`` positions, as Mistral-style models do.
+    """
 
     def __init__(self, model: GPT, use_cache: bool, knn=None):
         self.model, self.use_cache = model, use_cache
         self.block = model.config.block_size
+        self.window = model.config.attn_window
+        self.rolling = getattr(model, "unbounded", False)
         self.cache = None
         self.knn = knn   # lm.knn.KNNLM: the logits become kNN-LM log-probabilities
 
@@ -89,7 +98,7 @@ class _Stepper:
         ctx = np.asarray(seqs)[:, -self.block:]
         if not self.use_cache:
             return self.model.logits_last(ctx)
-        self.cache = KVCache(self.model.config.n_layer, capacity=self.block)
+        self.cache = KVCache(self.model.config.n_layer, capacity=self.block, window=self.window)
         return self.model.logits_last(ctx, self.cache)
 
     def first(self, seqs):
@@ -98,7 +107,7 @@ class _Stepper:
     def next(self, seqs, new_tokens):
         if not self.use_cache:
             return self._out(self.model.logits_last(np.asarray(seqs)[:, -self.block:]))
-        if self.cache.pos + 1 > self.block:
+        if self.cache.pos + 1 > self.block and not self.rolling:
             keep = self.block - self.block // 4
             return self._out(self._prefill(np.asarray(seqs)[:, -keep:]))
         return self._out(self.model.logits_last(np.asarray(new_tokens)[:, None], self.cache))

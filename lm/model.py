@@ -5,6 +5,13 @@ self-attention and a GELU MLP, a final LayerNorm and a language-model head whose
 weight is tied to the token embedding. Parameter names follow GPT-2
 (``transformer.h.0.attn.c_attn.weight``) so weights map one to one onto other
 implementations.
+
+Architecture switches of ``ModelConfig`` (all off by default, any combination):
+``n_kv_head`` (grouped-query / multi-query attention: c_attn makes n_head query heads and
+n_kv_head key/value heads), ``attn_window`` (sliding-window attention), ``position="rope"``
+(rotary positions on q and k instead of the ``wpe`` table), ``share_layers`` (the n_layer
+blocks cycle through k blocks: ALBERT-style sharing) and ``low_rank`` (LowRankLinear MLP
+and, with ``low_rank_attn``, attention projections).
 """
 from __future__ import annotations
 
@@ -14,24 +21,33 @@ import numpy as np
 
 import minigrad as mg
 from minigrad import backend, functional as F, nn, ops
-from minigrad.kernels.attention import attention as fused_attention, attention_qkv, decode_attention
+from minigrad.attention import attention as fused_attention, attention_composite, attention_qkv, rope
+from minigrad.kernels.attention import decode_attention
+from minigrad.nn.lowrank import LowRankLinear
 from minigrad.checkpoint import checkpoint
 from minigrad.nn.reversible import reversible_sequence
 from minigrad.tensor import Tensor, is_grad_enabled, no_grad
 
-from .config import ModelConfig
+from .config import ModelConfig, validate_architecture
 
 
 class KVCache:
     """Keys and values of past positions, per layer, for incremental decoding.
 
-    Each layer's keys and values live in a buffer of shape (B, nh, capacity, hs) that is
-    written in place (no copy of the past at each step); ``k[i]``/``v[i]`` are views of the
-    filled part, (B, nh, S, hs). ``pos`` is S. Without a capacity the buffers double as needed.
+    Each layer's keys and values live in a buffer of shape (B, n_kv_head, capacity, hs) that
+    is written in place (no copy of the past at each step); ``k[i]``/``v[i]`` are views of
+    the filled part, (B, n_kv_head, S, hs). ``pos`` is the number of positions seen. Without
+    a capacity the buffers double as needed.
+
+    ``window = w`` (sliding-window attention): a rolling buffer of w positions, position p in
+    slot p % w, so memory stays w positions however long the text grows. A single new token
+    sees the whole buffer (in slot order: attention does not care about key order once the
+    positions are in the keys or the residual stream); a chunk of new tokens gets the past in
+    position order followed by the chunk, for the band-masked kernel.
     """
 
-    def __init__(self, n_layer: int, capacity: int | None = None):
-        self.capacity = capacity
+    def __init__(self, n_layer: int, capacity: int | None = None, window: int = 0):
+        self.capacity, self.window = capacity, window
         self._kbuf = [None] * n_layer
         self._vbuf = [None] * n_layer
         self.k = [None] * n_layer
@@ -39,6 +55,10 @@ class KVCache:
         self.pos = 0
 
     def append(self, layer: int, k, v):
+        """Store k, v (B, nkv, T, hs) of the next T positions; returns the keys and values
+        the new positions attend over."""
+        if self.window:
+            return self._append_rolling(layer, k, v)
         xp = backend.get_array_module(k)
         n0 = 0 if self.k[layer] is None else self.k[layer].shape[2]
         n1 = n0 + k.shape[2]
@@ -56,6 +76,32 @@ class KVCache:
         self.k[layer], self.v[layer] = kb[:, :, :n1], vb[:, :, :n1]
         return self.k[layer], self.v[layer]
 
+    def _append_rolling(self, layer: int, k, v):
+        xp = backend.get_array_module(k)
+        w, p, T = self.window, self.pos, k.shape[2]
+        if self._kbuf[layer] is None:
+            self._kbuf[layer] = xp.empty(k.shape[:2] + (w,) + k.shape[3:], dtype=k.dtype)
+            self._vbuf[layer] = xp.empty_like(self._kbuf[layer])
+        kb, vb = self._kbuf[layer], self._vbuf[layer]
+        if T == 1:
+            kb[:, :, p % w], vb[:, :, p % w] = k[:, :, 0], v[:, :, 0]
+            n = min(p + 1, w)
+            self.k[layer], self.v[layer] = kb[:, :, :n], vb[:, :, :n]
+            return self.k[layer], self.v[layer]
+        order = np.arange(p - min(p, w), p) % w                  # slots of the past, oldest first
+        keys = xp.concatenate([kb[:, :, order], k], axis=2)       # (B, nkv, past + T, hs)
+        vals = xp.concatenate([vb[:, :, order], v], axis=2)
+        tail = min(T, w)
+        slots = np.arange(p + T - tail, p + T) % w
+        kb[:, :, slots], vb[:, :, slots] = k[:, :, T - tail:], v[:, :, T - tail:]
+        n = min(p + T, w)
+        self.k[layer], self.v[layer] = kb[:, :, :n], vb[:, :, :n]
+        return keys, vals
+
+    def nbytes(self) -> int:
+        """Bytes the key and value buffers hold (all layers)."""
+        return int(sum(b.nbytes for b in self._kbuf + self._vbuf if b is not None))
+
     def reorder(self, index) -> None:
         """Keep batch rows ``index`` (beam search moves caches with their beams)."""
         for i, (kb, vb) in enumerate(zip(self._kbuf, self._vbuf)):
@@ -66,64 +112,93 @@ class KVCache:
             self.k[i], self.v[i] = self._kbuf[i][:, :, :n], self._vbuf[i][:, :, :n]
 
 
+def _linear(config: ModelConfig, low_rank: bool):
+    """The layer constructor: nn.Linear, or LowRankLinear of rank config.low_rank. A layer
+    whose min(in, out) is not above the rank (a structurally pruned layer can be that narrow)
+    is a plain Linear: rank r would not be low rank there (lm.structured follows this rule)."""
+    if low_rank and config.low_rank:
+        r = config.low_rank
+        return lambda i, o: (LowRankLinear(i, o, r, bias=config.bias) if r < min(i, o)
+                             else nn.Linear(i, o, bias=config.bias))
+    return lambda i, o: nn.Linear(i, o, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        # key, query, value projections for all heads, in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # a structurally pruned layer keeps fewer heads of the same size (config.layer_heads);
+        # structured pruning needs n_kv_head in (0, n_head) (config.validate_architecture), so
+        # such a layer has one key/value head per query head it kept
+        nh, hs = config.heads_of(layer), config.n_embd // config.n_head
+        self.n_kv_head = nh if config.n_kv_head in (0, config.n_head) else config.n_kv_head
+        lin = _linear(config, config.low_rank_attn)
+        # query (nh) and key, value (n_kv_head each) projections, in one matmul
+        self.c_attn = lin(config.n_embd, (nh + 2 * self.n_kv_head) * hs)
+        self.c_proj = lin(nh * hs, config.n_embd)
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.n_head, self.head_size, self.n_embd = nh, hs, config.n_embd
         self.attention = config.attention
+        self.window, self.rope = config.attn_window, config.position == "rope"
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
-        qkv = self.c_attn(x)                                             # (B, T, 3C)
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        C = nh * hs                                                      # n_embd unless heads were pruned
+        qkv = self.c_attn(x)                                             # (B, T, (nh + 2 nkv) hs)
         if cache is None and self.attention != "naive" and not (self.training and self.attn_dropout > 0):
-            # the steps below (split, heads forward, attention, heads back) as one node
-            # that reads q, k, v in place: same numbers, no copies (kernels.attention)
-            return self.resid_dropout(self.c_proj(attention_qkv(qkv, nh, impl=self.attention)))
-        q, k, v = ops.split(qkv, 3, axis=2)                              # 3 x (B, T, C)
+            # the steps below (split, heads forward, rotate, attention, heads back) as one
+            # node that reads q, k, v in place: same numbers, no copies (minigrad.attention)
+            return self.resid_dropout(self.c_proj(attention_qkv(
+                qkv, nh, impl=self.attention, n_kv_head=nkv, window=self.window, rope=self.rope)))
+        q, k, v = ops.split(qkv, [C, C + nkv * hs], axis=2)              # (B, T, C), 2 x (B, T, nkv hs)
         q = q.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                # (B, nh, T, hs)
-        k = k.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                # (B, nh, T, hs)
-        v = v.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                # (B, nh, T, hs)
+        k = k.reshape(B, T, nkv, hs).transpose(0, 2, 1, 3)               # (B, nkv, T, hs)
+        v = v.reshape(B, T, nkv, hs).transpose(0, 2, 1, 3)               # (B, nkv, T, hs)
+        if self.rope:
+            pos0 = cache.pos if cache is not None else 0
+            q, k = rope(q, pos0), rope(k, pos0)                          # keys cached rotated
         if cache is not None:
-            # decoding runs under no_grad: the cache holds raw arrays of all past positions
-            kd, vd = cache.append(layer, k.data, v.data)                  # (B, nh, S, hs)
+            # decoding runs under no_grad: the cache holds raw arrays of the past positions
+            kd, vd = cache.append(layer, k.data, v.data)                  # (B, nkv, S, hs)
             k, v = Tensor(kd), Tensor(vd)
-        y = attention(q, k, v, self.attn_dropout if self.training else 0.0, self.attention)
+        y = attention(q, k, v, self.attn_dropout if self.training else 0.0, self.attention,
+                      self.window)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                     # re-assemble heads
         return self.resid_dropout(self.c_proj(y))
 
 
-def attention(q, k, v, dropout_p: float = 0.0, impl: str = "auto"):
-    """Causal attention over (B, nh, T, hs) tensors.
+def attention(q, k, v, dropout_p: float = 0.0, impl: str = "auto", window: int = 0):
+    """Causal attention of (B, nh, T, hs) queries over (B, nkv, S, hs) keys and values.
 
     ``impl``: "naive" materialises the (T, S) scores with composite ops (the reference,
     and the only one with attention dropout); "auto"/"blocked"/"flash" use the kernels of
     ``minigrad.kernels.attention`` that keep only the output and the row log-sum-exp.
+    ``window``: each query sees the last ``window`` positions only.
     """
     if impl == "naive" or dropout_p > 0:
-        return F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p,
-                                              training=dropout_p > 0)
+        return attention_composite(q, k, v, causal=True, window=window, dropout_p=dropout_p,
+                                   training=dropout_p > 0)
     if not mg.is_grad_enabled() and q.shape[-2] == 1:
-        # decoding one token against the cache: every cached position is visible, no mask
+        # decoding one token against the cache: every cached position is visible (a windowed
+        # cache holds just the last `window`), no mask
         B, nh, _, hs = q.shape
-        # the cache's views merge (B, nh) without a copy: matmul reads the strided batch
-        y = decode_attention(q.data.reshape(B * nh, 1, hs), k.data.reshape(B * nh, -1, hs),
-                             v.data.reshape(B * nh, -1, hs), 1.0 / math.sqrt(hs))
+        nkv = k.shape[1]
+        # the cache's views merge (B, nkv) without a copy: matmul reads the strided batch
+        y = decode_attention(q.data.reshape(B * nh, 1, hs), k.data.reshape(B * nkv, -1, hs),
+                             v.data.reshape(B * nkv, -1, hs), 1.0 / math.sqrt(hs))
         return Tensor(y.reshape(B, nh, 1, hs))
-    return fused_attention(q, k, v, causal=True, impl=impl)
+    return fused_attention(q, k, v, causal=True, impl=impl, window=window)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.mlp_of(layer)                                   # pruned: narrower
+        lin = _linear(config, True)
+        self.c_fc = lin(config.n_embd, hidden)
+        self.c_proj = lin(hidden, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         self.gelu = "none" if config.gelu == "exact" else "tanh"
 
@@ -132,12 +207,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), cache, layer)
@@ -157,9 +232,16 @@ class _Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.position == "learned":                 # RoPE needs no table
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        # share_layers = k: layer i runs block i % k, so h lists each shared block several
+        # times; parameters, state dicts and the optimizer see each once (named_parameters
+        # skips repeats), and backprop sums the gradients of all its uses. Per-layer widths
+        # (layer_heads / layer_mlp) repeat with period k (validate_architecture)
+        k = config.share_layers or config.n_layer
+        blocks = [Block(config, i) for i in range(k)]
+        self.h = nn.ModuleList([blocks[i % k] for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
@@ -168,6 +250,7 @@ class GPT(nn.Module):
         super().__init__()
         if config.vocab_size <= 0:
             raise ValueError("GPT: config.vocab_size must be set (it comes from the tokenizer)")
+        validate_architecture(config)
         self.config = config
         self.transformer = _Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -184,18 +267,29 @@ class GPT(nn.Module):
                 p.data[...] = 1
             else:                        # GPT-2: N(0, 0.02) for matrices and embeddings
                 std = 0.02
-                if name.endswith("c_proj.weight"):
+                if name.endswith(("c_proj.weight", "c_proj.U", "c_proj.V")):
                     # residual projections scaled by 1/sqrt(2 * n_layer): two per block add
                     # into the residual stream, so its variance stays flat with depth
                     std = 0.02 / math.sqrt(2 * self.config.n_layer)
+                if name.endswith((".U", ".V")):
+                    # a low-rank pair: entries of U V are sums of r products, so each factor
+                    # gets std sqrt(std / sqrt(r)) and the product has the dense layer's std
+                    r = p.shape[1] if name.endswith(".U") else p.shape[0]
+                    std = math.sqrt(std / math.sqrt(r))
                 p.data[...] = rng.standard_normal(p.shape) * std
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default (as nanoGPT reports it)."""
         n = self.num_parameters()
-        if non_embedding:
+        if non_embedding and self.config.position == "learned":
             n -= self.transformer.wpe.weight.size
         return n
+
+    @property
+    def unbounded(self) -> bool:
+        """RoPE with a window: no position table and a bounded cache, so sequences (and
+        generation with a rolling KV cache) may run past block_size."""
+        return self.config.position == "rope" and self.config.attn_window > 0
 
     def forward(self, idx, targets=None, cache: KVCache | None = None):
         """idx: (B, T) token ids. Returns (logits, loss); loss is None without targets.
@@ -205,15 +299,15 @@ class GPT(nn.Module):
         idx = idx.data if isinstance(idx, Tensor) else idx
         B, T = idx.shape
         pos0 = cache.pos if cache is not None else 0
-        if pos0 + T > self.config.block_size:
+        if pos0 + T > self.config.block_size and not self.unbounded:
             raise ValueError(f"GPT: sequence of {pos0 + T} positions exceeds block_size "
                              f"{self.config.block_size}")
         xp = backend.get_array_module(self.transformer.wte.weight.data)
         idx = xp.asarray(idx)
-        pos = xp.arange(pos0, pos0 + T)
-        tok_emb = self.transformer.wte(idx)                              # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)                              # (T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)                                    # (B, T, C)
+        if self.config.position == "learned":
+            x = x + self.transformer.wpe(xp.arange(pos0, pos0 + T))      # + (T, C)
+        x = self.transformer.drop(x)
         x = self._run_blocks(x, cache)                                   # (B, T, C)
         x = self.transformer.ln_f(x)
         if cache is not None:

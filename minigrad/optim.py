@@ -77,7 +77,13 @@ class Optimizer:
             g = p.grad.data
             if g.dtype != p.data.dtype:
                 g = g.astype(p.data.dtype)
+            mask = getattr(p, "mask", None)  # a pruning mask (minigrad.prune): True = kept
+            if mask is not None:
+                g = g * mask
             self._update(group, name, p, g, self.state.setdefault(name, {}))
+            if mask is not None:
+                # moments from before pruning, or weight decay, must not revive a pruned weight
+                p.data *= mask
 
     def _update(self, group, name, p, g, state) -> None:
         raise NotImplementedError

@@ -5,6 +5,7 @@ import pytest
 import minigrad as mg
 from minigrad import functional as F
 from minigrad.gradcheck import gradcheck
+from minigrad import attention as MA
 from minigrad.kernels import attention as A
 
 SHAPES = [(2, 37, 37, 8), (1, 64, 64, 16), (3, 50, 70, 4), (1, 1, 5, 4), (2, 129, 129, 8)]
@@ -49,7 +50,7 @@ def test_reference_matches_composite_sdpa():
 def test_attention_function_gradcheck(impl):
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((2, 2, 7, 3)) for _ in range(3))
-    assert gradcheck(lambda a, b, c: A.attention(a, b, c, impl=impl, block=3), [q, k, v])
+    assert gradcheck(lambda a, b, c: MA.attention(a, b, c, impl=impl, block=3), [q, k, v])
 
 
 @pytest.mark.parametrize("impl", ["flash", "blocked"])
@@ -59,7 +60,7 @@ def test_attention_function_equals_composite(impl):
     ta = [mg.Tensor(a, requires_grad=True) for a in arrays]
     tb = [mg.Tensor(a, requires_grad=True) for a in arrays]
     w = rng.standard_normal((2, 3, 11, 4))
-    (A.attention(*ta, impl=impl, block=4) * mg.Tensor(w)).sum().backward()
+    (MA.attention(*ta, impl=impl, block=4) * mg.Tensor(w)).sum().backward()
     (F.scaled_dot_product_attention(*tb, causal=True) * mg.Tensor(w)).sum().backward()
     for a, b in zip(ta, tb):
         np.testing.assert_allclose(a.grad.data, b.grad.data, atol=1e-12)
@@ -74,11 +75,11 @@ def test_decode_kernel_matches_reference():
 def test_attention_errors():
     t = mg.Tensor(np.zeros((1, 2, 4, 3)))
     with pytest.raises(ValueError, match="attention"):
-        A.attention(t, mg.Tensor(np.zeros((1, 2, 4, 5))), t)
+        MA.attention(t, mg.Tensor(np.zeros((1, 2, 4, 5))), t)
     with pytest.raises(ValueError, match="fewer keys"):
-        A.attention(t, mg.Tensor(np.zeros((1, 2, 3, 3))), mg.Tensor(np.zeros((1, 2, 3, 3))))
+        MA.attention(t, mg.Tensor(np.zeros((1, 2, 3, 3))), mg.Tensor(np.zeros((1, 2, 3, 3))))
     with pytest.raises(ValueError, match="unknown attention kernel"):
-        A.attention(t, t, t, impl="magic")
+        MA.attention(t, t, t, impl="magic")
 
 
 def test_nan_inputs_propagate_instead_of_raising():
@@ -114,7 +115,7 @@ def _split_heads_path(x, nh, impl):
     B, T, C3 = x.shape
     C = C3 // 3
     q, k, v = (t.reshape(B, T, nh, C // nh).transpose(0, 2, 1, 3) for t in ops.split(x, 3, axis=2))
-    return A.attention(q, k, v, impl=impl).transpose(0, 2, 1, 3).reshape(B, T, C)
+    return MA.attention(q, k, v, impl=impl).transpose(0, 2, 1, 3).reshape(B, T, C)
 
 
 @pytest.mark.parametrize("impl", ["blocked", "flash", "reference"])
@@ -125,7 +126,7 @@ def test_attention_qkv_equals_split_heads(impl, dtype, B, T, nh, hs):
     x = rng.standard_normal((B, T, 3 * nh * hs)).astype(dtype)
     gy = rng.standard_normal((B, T, nh * hs)).astype(dtype)
     outs = []
-    for run in (lambda t: A.attention_qkv(t, nh, impl=impl, block=16), lambda t: _split_heads_path(t, nh, "reference")):
+    for run in (lambda t: MA.attention_qkv(t, nh, impl=impl, block=16), lambda t: _split_heads_path(t, nh, "reference")):
         t = mg.Tensor(x, requires_grad=True)
         y = run(t)
         y.backward(mg.Tensor(gy))
@@ -140,17 +141,17 @@ def test_attention_qkv_gradcheck_and_non_contiguous_input():
     rng = np.random.default_rng(2)
     base = rng.standard_normal((2, 6, 12))
     xt = base.transpose(0, 2, 1)                                   # (2, 12, 6), strided
-    y1 = A.attention_qkv(mg.Tensor(xt), 1, impl="blocked")
+    y1 = MA.attention_qkv(mg.Tensor(xt), 1, impl="blocked")
     y2 = _split_heads_path(mg.Tensor(np.ascontiguousarray(xt)), 1, "reference")
     np.testing.assert_allclose(y1.data, y2.data, rtol=1e-12, atol=1e-12)
-    assert gradcheck(lambda t: A.attention_qkv(t, 2, block=4), [rng.standard_normal((1, 9, 12))])
+    assert gradcheck(lambda t: MA.attention_qkv(t, 2, block=4), [rng.standard_normal((1, 9, 12))])
 
 
 def test_attention_qkv_bad_shapes():
     from minigrad.ops import ShapeError
-    with pytest.raises(ShapeError, match="3 \\* n_head"):
-        A.attention_qkv(mg.Tensor(np.zeros((1, 4, 10))), 2)
-    with pytest.raises(ShapeError, match="3 \\* n_head"):
-        A.attention_qkv(mg.Tensor(np.zeros((1, 4, 12))), 3)
+    with pytest.raises(ShapeError, match="2 \\* n_kv_head"):
+        MA.attention_qkv(mg.Tensor(np.zeros((1, 4, 10))), 2)
+    with pytest.raises(ShapeError, match="2 \\* n_kv_head"):
+        MA.attention_qkv(mg.Tensor(np.zeros((1, 4, 12))), 3)
     with pytest.raises(ShapeError, match=r"\(B, T, 3C\)"):
-        A.attention_qkv(mg.Tensor(np.zeros((4, 12))), 2)
+        MA.attention_qkv(mg.Tensor(np.zeros((4, 12))), 2)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from minigrad import Tensor
+from minigrad import attention as MA
 from minigrad.kernels import attention as A
 from minigrad import fused
 from minigrad.kernels import cpu, pooled, threads
@@ -201,7 +202,7 @@ def test_attention_split_by_heads_equals_one_thread(B, nh, T, two_threads, small
 
     def run():
         x = Tensor(qkv, requires_grad=True)
-        y = A.attention_qkv(x, nh)
+        y = MA.attention_qkv(x, nh)
         (y * Tensor(gy)).sum().backward()
         return y.data.copy(), x.grad.data.copy()
     (y1, g1), (y2, g2) = _both(run)
@@ -212,16 +213,20 @@ def test_attention_split_by_heads_equals_one_thread(B, nh, T, two_threads, small
 def test_head_chunks_pick_an_axis(two_threads, monkeypatch):
     monkeypatch.setattr(A, "MIN_PARALLEL_WORK", 0)
     n = threads.num_workers()
+    whole = [((Ellipsis,), (Ellipsis,))]
     q = np.zeros((1, 4, 8, 2), np.float32)
     parts = A._head_chunks(q, q)
     if n < 2:
-        assert parts == [(Ellipsis,)]
+        assert parts == whole
         return
-    assert [p[:1] for p in parts] == [(slice(None),)] * len(parts)    # batch of 1: split heads
+    assert [p[0][:1] for p in parts] == [(slice(None),)] * len(parts)   # batch of 1: split heads
+    assert all(iq == ik for iq, ik in parts)
+    kv = np.zeros((1, 2, 8, 2), np.float32)                             # 2 query heads per kv head
+    parts = A._head_chunks(q, kv)
+    assert [iq[1] for iq, _ in parts] == [slice(2 * ik[1].start, 2 * ik[1].stop) for _, ik in parts]
     q = np.zeros((6, 4, 8, 2), np.float32)
-    assert all(len(p) == 1 for p in A._head_chunks(q, q))             # split the batch axis
-    whole = [(Ellipsis,)]
-    assert A._head_chunks(np.zeros((1, 1, 8, 2), np.float32), q) == whole   # nothing to split
+    assert all(len(iq) == 1 and iq == ik for iq, ik in A._head_chunks(q, q))   # split the batch axis
+    assert A._head_chunks(np.zeros((1, 1, 8, 2), np.float32), q[:1, :1]) == whole   # nothing to split
     monkeypatch.setattr(A, "MIN_PARALLEL_WORK", 1 << 60)
     assert A._head_chunks(q, q) == whole                                    # too little work
 

@@ -1,5 +1,5 @@
 """Neural-network building blocks."""
-from .lowrank import LowRankLinear
+from .lowrank import LowRankLinear, factorize_
 from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ModuleList, ReLU, Sequential, Tanh
 from .module import Module, Parameter, StateDictError
 from .reversible import ReversibleBlock, ReversibleSequence, reversible_sequence

@@ -98,6 +98,15 @@ class Module:
             for n, child in reversed(m._modules.items()):
                 stack.append((f"{name}.{n}" if name else n, child))
 
+    def get_submodule(self, target: str) -> "Module":
+        """The sub-module at a dotted name (``"transformer.h.0.mlp"``); ``""`` is the module itself."""
+        m = self
+        for part in target.split(".") if target else []:
+            if part not in m._modules:
+                raise AttributeError(f"{type(m).__name__} has no sub-module {part!r} (looking up {target!r})")
+            m = m._modules[part]
+        return m
+
     def modules(self):
         for _, m in self.named_modules():
             yield m
@@ -156,12 +165,15 @@ class Module:
                 p.data = p.data.astype(dtype)
             if device is not None:
                 p.data = backend.to_device(p.data, device)
+                if getattr(p, "mask", None) is not None:  # a pruning mask moves with its weight
+                    p.mask = backend.to_device(p.mask, device)
             if p.grad is not None:
                 p.grad = None
         for _, m, n, b in list(self.named_buffers()):
             if not hasattr(b, "shape"):
                 continue
-            if dtype is not None and b.dtype.kind == "f":  # integer buffers (ids, masks) keep their dtype
+            # integer buffers (ids, masks) keep their dtype, and so do packed weights (QuantLinear)
+            if dtype is not None and b.dtype.kind == "f" and not getattr(m, "_keep_buffer_dtypes", False):
                 b = b.astype(dtype)
             if device is not None:
                 b = backend.to_device(b, device)
