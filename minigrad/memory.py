@@ -83,6 +83,35 @@ def _roots(arrays) -> dict:
     return out
 
 
+SPLIT = ("parameters", "gradients", "optimizer")   # the categories that split into trainable / frozen
+
+
+def static_memory(model=None, optimizer=None, *, params=None) -> dict:
+    """Bytes of parameters, gradients and optimizer state, each split by ``requires_grad``.
+
+    ``{"parameters": {"trainable": b, "frozen": b}, "gradients": {...}, "optimizer": {...}}``:
+    the saving of LoRA (or of any freezing) in numbers. A buffer is counted once; optimizer
+    state belongs to the side of the parameter it was kept for.
+    """
+    if params is None:
+        params = model.parameters() if model is not None else \
+            (p for _, _, p in optimizer.named_params()) if optimizer is not None else ()
+    params = list({id(p): p for p in params}.values())
+    out = {c: {"trainable": 0, "frozen": 0} for c in SPLIT}
+    for side, flag in (("trainable", True), ("frozen", False)):
+        ps = [p for p in params if bool(p.requires_grad) == flag]
+        out["parameters"][side] = unique_nbytes(p.data for p in ps)
+        out["gradients"][side] = unique_nbytes(p.grad.data for p in ps if p.grad is not None)
+    if optimizer is not None:
+        by_name = {n: p for _, n, p in optimizer.named_params()}
+        for side, flag in (("trainable", True), ("frozen", False)):
+            arrays = [v for n, st in optimizer.state.items()
+                      if n in by_name and bool(by_name[n].requires_grad) == flag
+                      for v in st.values() if hasattr(v, "nbytes") and getattr(v, "ndim", 0) > 0]
+            out["optimizer"][side] = unique_nbytes(arrays)
+    return out
+
+
 class MemoryTracker(Observer):
     """Live memory accounting by category over a training step; see the module docstring.
 
@@ -110,6 +139,7 @@ class MemoryTracker(Observer):
         self._inflight: dict = {}    # id(pending) of a running backward -> (grad bytes, other bytes)
         self._leaf_cache: dict = {}  # id(leaves) -> (len, bytes)
         self._static = {"parameters": 0, "gradients": 0, "optimizer": 0}
+        self._split = {c: {"trainable": 0, "frozen": 0} for c in SPLIT}
         self._param_roots: set = set()
         self._grad_roots: set = set()
         self._version = 0            # bumped when the static categories are re-counted
@@ -168,7 +198,8 @@ class MemoryTracker(Observer):
     def summary(self) -> dict:
         """``peak_bytes``, ``peak_mb``, the phase of the peak, each category at the peak and its maximum."""
         out = {"peak_bytes": self.peak_bytes, "peak_mb": self.peak_bytes / _MiB, "peak_label": self.peak_label,
-               "at_peak": dict(self.peak), "max": dict(self.max_bytes)}
+               "at_peak": dict(self.peak), "max": dict(self.max_bytes),
+               "split": {c: dict(v) for c, v in self._split.items()}}
         if self._gpu:
             used, held = backend.memory_pool_bytes()
             out["pool_used_bytes"], out["pool_held_bytes"] = used, held
@@ -180,7 +211,10 @@ class MemoryTracker(Observer):
         if not self.timeline:
             raise ValueError("MemoryTracker.plot: the timeline is empty (was the tracker started, "
                              "with timeline=True?)")
-        return viz.plot_memory_timeline(self.timeline, categories=CATEGORIES, ax=ax, path=path,
+        cats = CATEGORIES
+        if any(r.get("frozen parameters") for r in self.timeline):   # LoRA, distillation: show what is frozen
+            cats = ("frozen parameters", "trainable parameters") + CATEGORIES[1:]
+        return viz.plot_memory_timeline(self.timeline, categories=cats, ax=ax, path=path,
                                         title=title, **kw)
 
     # ------------------------------------------------------------------ counting
@@ -196,6 +230,7 @@ class MemoryTracker(Observer):
                 opt.extend(v for v in st.values() if hasattr(v, "nbytes") and getattr(v, "ndim", 0) > 0)
         self._static = {"parameters": unique_nbytes(params), "gradients": unique_nbytes(grads),
                         "optimizer": unique_nbytes(opt)}
+        self._split = static_memory(optimizer=self.optimizer, params=self._params)
 
     def _row(self) -> dict:
         g_fly = sum(v[0] for v in self._inflight.values())
@@ -205,7 +240,10 @@ class MemoryTracker(Observer):
                "gradients": self._static["gradients"] + g_fly,
                "optimizer": self._static["optimizer"],
                "activations": self._live["activations"],
-               "other": self._live["other"] + o_fly}
+               "other": self._live["other"] + o_fly,
+               # what `parameters` holds of frozen weights (drawn apart when there are any)
+               "frozen parameters": self._split["parameters"]["frozen"]}
+        row["trainable parameters"] = row["parameters"] - row["frozen parameters"]
         if self._gpu:  # the pool is the authority on the GPU: `other` is what it holds beyond the arrays we know
             used, _ = backend.memory_pool_bytes()
             known = sum(row[c] for c in CATEGORIES if c != "other")
