@@ -8,6 +8,7 @@ A folder is recognised by its files and its ``config.json``:
 
 | kind            | how it is recognised                                           |
 |-----------------|----------------------------------------------------------------|
+| ``lora``        | ``config.json`` with ``"lora"`` and ``"base"`` sections, ``adapter.safetensors`` (an adapter run of lm.train; see lm.finetune) |
 | ``minigrad``    | ``config.json`` with a ``"model"`` section (written by lm.train) |
 
 Each kind is a pair of functions in ``KINDS``: ``detect(model_dir, conf) -> bool`` and
@@ -73,7 +74,17 @@ def _load_minigrad(model_dir: str, conf: dict, device: str):
     return model, load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
 
 
+def _is_lora(model_dir: str, conf: dict) -> bool:
+    return "lora" in conf and "base" in conf
+
+
+def _load_lora(model_dir: str, conf: dict, device: str):
+    from .finetune import load_adapter_dir   # it loads the base through this module
+    return load_adapter_dir(model_dir, conf, device)
+
+
 KINDS: list[tuple[str, object, object]] = [
+    ("lora", _is_lora, _load_lora),
     ("minigrad", _is_minigrad, _load_minigrad),
 ]
 

@@ -25,9 +25,11 @@ import numpy as np
 import minigrad as mg
 from minigrad import backend
 from minigrad.io import atomic_write_text, load_file, load_metadata, save_file
+from minigrad.nn.lora import has_lora, load_lora_state_dict, lora_state_dict
 
 from .config import Config, ConfigError, ModelConfig, apply_overrides, load_config, validate
 from .data import CorpusError, get_batch, prepare_data
+from .finetune import load_base, prepare_model, save_adapter_dir
 from .model import GPT
 from .probes import StepProbe
 
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (overrides train.device)")
     p.add_argument("--max_iters", type=int, default=None, help="overrides train.max_iters")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: output_dir/model is a merged stand-alone "
+                                                       "model instead of the adapter (sets lora.merge)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. model.n_layer=2 train.learning_rate=3e-4")
     return p
@@ -67,6 +71,8 @@ def resolve_config(args) -> Config:
         cfg.train.max_iters = args.max_iters
     if args.no_progress:
         cfg.train.progress = False
+    if args.merge:
+        cfg.lora.merge = True
     validate(cfg)
     return cfg
 
@@ -84,7 +90,8 @@ def _rng_from_json(s: str) -> np.random.Generator:
 
 
 def save_checkpoint(path: str, model: GPT, opt, step: int, batch_rng, best_val: float, cfg: Config) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    # an adapter run saves the adapter only: the frozen base is reloaded from train.init_from
+    tensors = {f"model.{k}": v for k, v in (lora_state_dict(model) if has_lora(model) else model.state_dict()).items()}
     sd = opt.state_dict()
     scalars = {}
     for name, st in sd["state"].items():
@@ -102,6 +109,7 @@ def save_checkpoint(path: str, model: GPT, opt, step: int, batch_rng, best_val: 
         "optim_groups": json.dumps(sd["param_groups"]),
         "optim_step_count": str(sd["step_count"]),
         "config": json.dumps(cfg.to_dict()),
+        **({"init_from": json.dumps(model.init_from)} if hasattr(model, "init_from") else {}),
     }
     save_file(tensors, path, meta)
 
@@ -109,7 +117,14 @@ def save_checkpoint(path: str, model: GPT, opt, step: int, batch_rng, best_val: 
 def load_checkpoint(path: str, model: GPT, opt):
     arrays = load_file(path)
     meta = load_metadata(path)
-    model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+    weights = {k[6:]: v for k, v in arrays.items() if k.startswith("model.")}
+    if has_lora(model):   # the base was reloaded from train.init_from: it must be the one the run started on
+        if "init_from" in meta and json.loads(meta["init_from"])["sha256"] != model.init_from["sha256"]:
+            raise ConfigError(f"--resume: the base model {model.init_from['path']} has changed since this run "
+                              f"started; restore it, or start the fine-tuning again without --resume")
+        load_lora_state_dict(model, weights, where=path)
+    else:
+        model.load_state_dict(weights)
     scalars = json.loads(meta["optim_scalars"])
     state: dict = {}
     for k, v in arrays.items():
@@ -127,6 +142,8 @@ def load_checkpoint(path: str, model: GPT, opt):
 
 def save_model_dir(model_dir: str, model: GPT, tokenizer, cfg: Config, extra: dict | None = None) -> None:
     """Weights, model config and tokenizer: everything generation needs."""
+    if has_lora(model):   # the adapter and a reference to its base (lm.finetune)
+        return save_adapter_dir(model_dir, model, tokenizer, cfg, extra)
     os.makedirs(model_dir, exist_ok=True)
     save_file(model.state_dict(), os.path.join(model_dir, "model.safetensors"),
               {"format": "minigrad-gpt", **({k: json.dumps(v) for k, v in (extra or {}).items()})})
@@ -177,7 +194,11 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         saved = json.loads(load_metadata(ckpt_path)["config"])
-        for section in ("model", "data"):   # the architecture and data must be those of the run
+        if not cfg.train.init_from and saved["train"].get("init_from"):
+            cfg.train.init_from = saved["train"]["init_from"]
+        for section in ("model", "data", "lora"):   # the architecture and data must be those of the run
+            if section not in saved:
+                continue
             current = asdict(getattr(cfg, section))
             if section == "model" and current["vocab_size"] == 0:   # 0 means "from the tokenizer"
                 current["vocab_size"] = saved["model"]["vocab_size"]
@@ -186,9 +207,10 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
                 for k, v in saved[section].items():
                     setattr(getattr(cfg, section), k, v)
 
+    base = load_base(cfg, log) if cfg.train.init_from else None   # fine-tuning (lm.finetune)
     data = prepare_data(cfg.data.corpus, tokenizer_kind=cfg.data.tokenizer, vocab_size=cfg.data.vocab_size,
                         val_fraction=cfg.data.val_fraction, cache_dir=cfg.data.cache_dir,
-                        text_field=cfg.data.text_field)
+                        text_field=cfg.data.text_field, tokenizer=base.tokenizer if base else None)
     data.check_block_size(m_cfg.block_size)
     if m_cfg.vocab_size == 0:
         m_cfg.vocab_size = data.tokenizer.vocab_size
@@ -197,7 +219,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
                           f"{data.tokenizer.vocab_size}")
 
     mg.manual_seed(t_cfg.seed)
-    model = GPT(m_cfg)
+    model = prepare_model(base, cfg, log) if base else GPT(m_cfg)
     if dtype != np.float32:
         model.to(dtype=dtype)
     model.to(t_cfg.device)

@@ -211,11 +211,13 @@ class MemoryTracker(Observer):
         if not self.timeline:
             raise ValueError("MemoryTracker.plot: the timeline is empty (was the tracker started, "
                              "with timeline=True?)")
-        cats = CATEGORIES
-        if any(r.get("frozen parameters") for r in self.timeline):   # LoRA, distillation: show what is frozen
+        rows, cats = self.timeline, CATEGORIES
+        frozen = self._split["parameters"]["frozen"]
+        if frozen:   # LoRA, a teacher: draw the frozen weights apart from the trained ones
             cats = ("frozen parameters", "trainable parameters") + CATEGORIES[1:]
-        return viz.plot_memory_timeline(self.timeline, categories=cats, ax=ax, path=path,
-                                        title=title, **kw)
+            rows = [dict(r, **{"frozen parameters": min(frozen, r["parameters"]),
+                               "trainable parameters": max(0, r["parameters"] - frozen)}) for r in rows]
+        return viz.plot_memory_timeline(rows, categories=cats, ax=ax, path=path, title=title, **kw)
 
     # ------------------------------------------------------------------ counting
     def _refresh_static(self) -> None:
@@ -240,10 +242,7 @@ class MemoryTracker(Observer):
                "gradients": self._static["gradients"] + g_fly,
                "optimizer": self._static["optimizer"],
                "activations": self._live["activations"],
-               "other": self._live["other"] + o_fly,
-               # what `parameters` holds of frozen weights (drawn apart when there are any)
-               "frozen parameters": self._split["parameters"]["frozen"]}
-        row["trainable parameters"] = row["parameters"] - row["frozen parameters"]
+               "other": self._live["other"] + o_fly}
         if self._gpu:  # the pool is the authority on the GPU: `other` is what it holds beyond the arrays we know
             used, _ = backend.memory_pool_bytes()
             known = sum(row[c] for c in CATEGORIES if c != "other")
