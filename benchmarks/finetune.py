@@ -1,13 +1,25 @@
 """Fine-tuning three ways: full, LoRA and QLoRA, side by side (issue 14's Must-reach numbers).
 
-    python benchmarks/finetune.py --data /path/to/tinyshakespeare.txt
+    python benchmarks/finetune.py --data /path/to/tinyshakespeare.txt [--steps 200] [--output_dir ...]
 
 The base model is pretrained once on the built-in Python documentation (the reference shape:
-character level, 4 layers x 4 heads x 256 wide, 128 characters of context) and cached under
-``$LM_BENCH_DIR`` (default ``~/.cache/minigrad-lm/bench``) in a folder named after a hash of its
-config. It is then fine-tuned on Tiny Shakespeare for the same number of steps on the same
-batches: every weight (full), a LoRA adapter on a frozen float base, and a LoRA adapter on a
-frozen NF4 base (QLoRA).
+character level, 4 layers x 4 heads x 256 wide, 128 characters of context, 800 steps) and cached
+under ``$LM_BENCH_DIR`` (default ``~/.cache/minigrad-lm/bench``) in a folder named after a hash
+of its config. It is then fine-tuned on Tiny Shakespeare (less the characters the base has no
+token for: '$') for the same number of steps on the same batches (same seed), by ``lm.train``:
+
+- ``full``: every weight trains (AdamW lr 1e-3);
+- ``lora``: r = 8, alpha = 16 on c_attn, c_proj, c_fc, base frozen (lr 3e-3, LoRA's usual
+  larger step);
+- ``lora-attn``: the same on attention only (c_attn, attn.c_proj), the smaller optimizer state;
+- ``qlora``: ``lora`` on an NF4 base (when ``minigrad.nn.quantized`` is there).
+
+Measured: validation loss at the end (40 batches), parameters + gradients + optimizer state
+after a step (``minigrad.memory.static_memory``, split trainable/frozen, from the run's own
+``train.log_memory`` metrics), the step time of full vs LoRA (one process, alternating steps
+on the same batch, median), and the correctness checks: logits at B = 0, merged vs unmerged,
+adapter file size. Prints a Markdown table and writes ``report.md`` and ``results.json``.
+Fine-tuning runs are cached too (by config hash); ``--fresh`` retrains them.
 """
 from __future__ import annotations
 
@@ -15,11 +27,16 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
+import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.reference import bench_dir  # noqa: E402
+
 
 BASE = [
     "model.block_size=128", "model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.dropout=0.0",
@@ -47,5 +64,178 @@ def base_model_dir(log=print) -> str:
     return model_dir
 
 
+FT = ["train.batch_size=16", "train.warmup_iters=20", "train.min_lr=1e-4", "train.weight_decay=0.0",
+      "train.beta1=0.9", "train.beta2=0.99", "train.grad_clip=1.0", "train.eval_iters=40", "train.seed=7",
+      "train.sample_tokens=0", "train.progress=false", "train.log_memory=true", "train.log_interval=50"]
+RUNS = {
+    "full": ["train.learning_rate=1e-3"],
+    "lora": ["train.learning_rate=3e-3", "lora.r=8", "lora.alpha=16", "lora.targets=[c_attn, c_proj, c_fc]"],
+    "lora-attn": ["train.learning_rate=3e-3", "lora.r=8", "lora.alpha=16", "lora.targets=[c_attn, attn.c_proj]"],
+    "qlora": ["train.learning_rate=3e-3", "lora.r=8", "lora.alpha=16", "lora.targets=[c_attn, c_proj, c_fc]",
+              "lora.quantize_base=nf4"],
+}
+MiB = 1024.0 ** 2
+
+
+def finetune_text(data: str, base_dir: str) -> str:
+    """The fine-tuning corpus without the characters the base has no token for (cached copy)."""
+    from lm.data import load_corpus
+    from lm.tokenizer import load_tokenizer
+    tok = load_tokenizer(os.path.join(base_dir, "tokenizer.json"))
+    text = load_corpus(data)
+    drop = sorted(set(text) - set(tok.stoi))
+    key = hashlib.sha256((text + "|" + "".join(tok.chars)).encode()).hexdigest()[:10]
+    path = os.path.join(bench_dir(), f"finetune-text-{key}.txt")
+    if not os.path.isfile(path):
+        clean = text.translate({ord(c): None for c in drop})
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(clean)
+        os.replace(path + ".tmp", path)
+    return path, drop
+
+
+def run(name, base_dir, text, steps, fresh, log):
+    from lm.config import Config, apply_overrides, validate
+    from lm.train import train
+    over = FT + RUNS[name] + [f"train.max_iters={steps}", f"train.eval_interval={steps}",
+                              f"train.init_from={base_dir}", f"data.corpus={text}"]
+    key = hashlib.sha256(json.dumps(over).encode()).hexdigest()[:10]
+    out = os.path.join(bench_dir(), f"finetune-{name}-{key}")
+    if fresh and os.path.isdir(out):
+        shutil.rmtree(out)
+    if not os.path.isfile(os.path.join(out, "summary.json")):
+        cfg = apply_overrides(Config(), over)
+        validate(cfg)
+        log(f"fine-tuning: {name} ({steps} steps) into {out}")
+        train(cfg, out, log=lambda m: None)
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steps_rows = [r for r in rows if "loss" in r and "mem_parameters_trainable" in r]
+    mem = {k[4:]: v for k, v in steps_rows[-1].items() if k.startswith("mem_") and k.count("_") == 2}
+    curve = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval"]
+    return {"name": name, "dir": out, "val_loss": summary["val_loss"], "start_val": evals[0][1],
+            "memory": mem, "curve": curve, "evals": evals, "ms_per_step_in_run": summary["ms_per_step"]}
+
+
+def time_steps(base_dir, text, rounds, log):
+    """Median step time of full fine-tuning vs LoRA (r=8, default targets), alternating, one batch."""
+    import minigrad as mg
+    from lm.data import prepare_data, get_batch
+    from lm.loader import load_model
+    from minigrad.nn.lora import apply_lora, mark_only_lora_as_trainable
+    full, tok = load_model(base_dir)
+    lora, _ = load_model(base_dir)
+    apply_lora(lora, 8, 16, targets=["c_attn", "c_proj", "c_fc"])
+    mark_only_lora_as_trainable(lora)
+    data = prepare_data(text, tokenizer=tok)
+    x, y = get_batch(data.train, 16, full.config.block_size, np.random.default_rng(0))
+    models = {}
+    for name, m in (("full", full), ("lora", lora)):
+        m.train()
+        models[name] = (m, m.configure_optimizer(1e-3, 0.0, (0.9, 0.99)))
+    times = {k: [] for k in models}
+
+    def step(m, opt):
+        t0 = time.perf_counter()
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        mg.optim.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        return time.perf_counter() - t0
+    for i in range(rounds + 2):
+        for name, (m, opt) in (models.items() if i % 2 == 0 else reversed(list(models.items()))):
+            dt = step(m, opt)
+            if i >= 2:   # two warm-up rounds
+                times[name].append(dt)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+def correctness(base_dir, lora_dir):
+    """B = 0 logits, merged vs unmerged, adapter size."""
+    import minigrad as mg
+    from lm.finetune import merged_model
+    from lm.loader import load_model
+    from minigrad.nn.lora import apply_lora
+    base, _ = load_model(base_dir)
+    x = np.random.default_rng(0).integers(0, base.config.vocab_size, (4, base.config.block_size))
+    with mg.no_grad():
+        ref = base(x, x)[0].numpy()
+        apply_lora(base, 8, 16, targets=["c_attn", "c_proj", "c_fc"])
+        fresh = base(x, x)[0].numpy()
+        adapted, _ = load_model(os.path.join(lora_dir, "model"))
+        a = adapted(x, x)[0].numpy()
+        merged = merged_model(base_dir, os.path.join(lora_dir, "model", "adapter.safetensors"))
+        b = merged.eval()(x, x)[0].numpy()
+    return {"b0_bit_identical": bool(fresh.tobytes() == ref.tobytes()),
+            "b0_max_abs_diff": float(np.abs(fresh - ref).max()),
+            "merge_rel_diff": float(np.abs(a - b).max() / np.abs(a).max()),
+            "adapter_bytes": os.path.getsize(os.path.join(lora_dir, "model", "adapter.safetensors")),
+            "model_bytes": os.path.getsize(os.path.join(base_dir, "model.safetensors"))}
+
+
+def total(mem, side=None):
+    cats = ("parameters", "gradients", "optimizer")
+    sides = ("trainable", "frozen") if side is None else (side,)
+    return sum(mem.get(f"{c}_{s}", 0) for c in cats for s in sides)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Full fine-tuning vs LoRA vs QLoRA, side by side.")
+    p.add_argument("--data", default="/work/shared/data/tinyshakespeare.txt" if os.path.isfile(
+        "/work/shared/data/tinyshakespeare.txt") else "shakespeare", help="the fine-tuning text")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--runs", default="full,lora,lora-attn,qlora")
+    p.add_argument("--output_dir", default="benchmarks/results/finetune")
+    p.add_argument("--fresh", action="store_true", help="retrain the fine-tuning runs")
+    args = p.parse_args(argv)
+    log = print
+    base_dir = base_model_dir(log)
+    text, dropped = finetune_text(args.data, base_dir)
+    log(f"base: {base_dir}; fine-tuning text {text} (dropped {dropped})")
+    names = [n for n in args.runs.split(",") if n]
+    if "qlora" in names:
+        try:
+            import minigrad.nn.quantized  # noqa: F401
+        except ImportError:
+            log("qlora: skipped (this build has no minigrad.nn.quantized)")
+            names.remove("qlora")
+    res = {n: run(n, base_dir, text, args.steps, args.fresh, log) for n in names}
+    ms = time_steps(base_dir, text, args.rounds, log)
+    chk = correctness(base_dir, res["lora"]["dir"]) if "lora" in res else {}
+    full_mem = res["full"]["memory"]
+    lines = [f"Base: 4 x 256 GPT pretrained on python-docs; fine-tuned {args.steps} steps on {os.path.basename(args.data)}, "
+             "batch 16 x 128, same batches for every run.", "",
+             "| run | trainable params | val loss (start -> end) | vs full | params+grads+optim (MiB) | vs full "
+             "| optimizer state (MiB) | vs full |", "|---|---|---|---|---|---|---|---|"]
+    for n, r in res.items():
+        m = r["memory"]
+        tr = m.get("parameters_trainable", 0) // 4
+        lines.append(f"| {n} | {tr:,} | {r['start_val']:.4f} -> {r['val_loss']:.4f} | "
+                     f"{r['val_loss'] - res['full']['val_loss']:+.4f} | {total(m) / MiB:.2f} | "
+                     f"{100 * total(m) / total(full_mem):.1f}% | "
+                     f"{(m['optimizer_trainable'] + m['optimizer_frozen']) / MiB:.3f} | "
+                     f"{100 * (m['optimizer_trainable'] + m['optimizer_frozen']) / (full_mem['optimizer_trainable'] + full_mem['optimizer_frozen']):.2f}% |")
+    lines += ["", f"Step time (median of {args.rounds}, alternating, same batch): full {ms['full']:.1f} ms, "
+              f"LoRA {ms['lora']:.1f} ms (ratio {ms['lora'] / ms['full']:.2f}); other processes were loading the machine."]
+    if chk:
+        lines += ["", f"B = 0: logits bit-identical to the base: {chk['b0_bit_identical']} "
+                  f"(max |diff| {chk['b0_max_abs_diff']:.1e}); merged vs unmerged: {chk['merge_rel_diff']:.2e} relative; "
+                  f"adapter file {chk['adapter_bytes']:,} B = {100 * chk['adapter_bytes'] / chk['model_bytes']:.2f}% "
+                  f"of the model file ({chk['model_bytes']:,} B)."]
+    report = "\n".join(lines)
+    print(report)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+        f.write(report + "\n")
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"runs": {n: {k: v for k, v in r.items()} for n, r in res.items()}, "step_ms": ms,
+                   "correctness": chk, "steps": args.steps}, f, indent=1)
+    return 0
+
+
 if __name__ == "__main__":
-    print(base_model_dir())
+    sys.exit(main())
