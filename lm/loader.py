@@ -9,6 +9,7 @@ A folder is recognised by its files and its ``config.json``:
 | kind            | how it is recognised                                           |
 |-----------------|----------------------------------------------------------------|
 | ``lora``        | ``config.json`` with ``"lora"`` and ``"base"`` sections, ``adapter.safetensors`` (an adapter run of lm.train; see lm.finetune) |
+| ``quantized``   | ``config.json`` with a ``"quantization"`` section (lm.compress) |
 | ``minigrad``    | ``config.json`` with a ``"model"`` section (written by lm.train) |
 
 Each kind is a pair of functions in ``KINDS``: ``detect(model_dir, conf) -> bool`` and
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 
-from minigrad.io import load_file
+from minigrad.io import load_file, load_metadata
 
 from .config import ModelConfig
 from .model import GPT
@@ -83,8 +84,81 @@ def _load_lora(model_dir: str, conf: dict, device: str):
     return load_adapter_dir(model_dir, conf, device)
 
 
+QUANTIZED_FORMAT = "minigrad-gpt-quantized"
+
+
+def _is_quantized(model_dir: str, conf: dict) -> bool:
+    return "quantization" in conf
+
+
+class _Skeleton(GPT):
+    def _init_weights(self) -> None:     # the weights come from the file
+        pass
+
+
+def _load_quantized(model_dir: str, conf: dict, device: str):
+    """Packed codes and scales as they are: the float32 weights are never built (the layers
+    are made under ``skip_init`` with placeholders that hold no memory, the quantized ones are
+    swapped for empty QuantLinears, then the file fills them)."""
+    from minigrad import quant
+    from minigrad.nn.layers import skip_init
+    from minigrad.nn.quantized import QuantLinear
+
+    for name in ("model.safetensors", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise ModelDirError(f"{model_dir} has no {name}: is it a folder written by lm.compress?")
+    path = os.path.join(model_dir, "model.safetensors")
+    plan = conf["quantization"].get("modules") if isinstance(conf["quantization"], dict) else None
+    if not isinstance(plan, dict) or not plan:
+        raise ModelDirError(f"{model_dir}/config.json: 'quantization' has no 'modules' map of layer -> scheme")
+    for n, scheme in plan.items():
+        if scheme not in quant.SCHEMES:
+            raise ModelDirError(f"{model_dir}/config.json: layer {n} has unknown quantization scheme "
+                                f"{scheme!r}; valid: {', '.join(quant.SCHEMES)}")
+    try:
+        meta = load_metadata(path)
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{path} is not a readable safetensors file (truncated?): {e}") from None
+    if meta.get("format") != QUANTIZED_FORMAT:
+        raise ModelDirError(f"{path} says format {meta.get('format')!r}, not {QUANTIZED_FORMAT!r}: the "
+                            f"config.json and the weights do not belong together")
+    cfg = model_config_from(conf, os.path.join(model_dir, "config.json"))
+    with skip_init():
+        model = _Skeleton(cfg)
+    model.__class__ = GPT
+    modules = dict(model.named_modules())
+    missing = sorted(set(plan) - set(modules))
+    if missing:
+        raise ModelDirError(f"{model_dir}/config.json names layers the model does not have: {', '.join(missing)}")
+    try:
+        packed = {n: quant.QuantizedTensor.empty(s, modules[n].weight.shape) for n, s in plan.items()}
+    except quant.QuantError as e:
+        raise ModelDirError(f"{model_dir}: {e}") from None
+    quant.replace_linears_(model, packed)
+    try:
+        state = load_file(path)
+    except ValueError as e:
+        raise ModelDirError(f"{e} (a truncated or corrupt file: quantize the model again)") from None
+    # a packed array must arrive in its own dtype: load_state_dict would cast it silently
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            for k, a in m.weight.arrays.items():
+                key = f"{n}.weight_{k}"
+                if key in state and state[key].dtype != a.dtype:
+                    raise ModelDirError(f"{path}: {key} is {state[key].dtype}, the {m.scheme} layout "
+                                        f"needs {a.dtype} (a mismatched file)")
+    try:
+        model.load_state_dict(state)
+    except KeyError as e:
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())
+        raise ModelDirError(f"{path} does not match its config.json: {detail}") from None
+    model.eval().to(device)
+    return model, load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
+
+
 KINDS: list[tuple[str, object, object]] = [
     ("lora", _is_lora, _load_lora),
+    ("quantized", _is_quantized, _load_quantized),
     ("minigrad", _is_minigrad, _load_minigrad),
 ]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -14,11 +15,35 @@ def _rng():
     return backend.get_rng(np)
 
 
+_SKIP_INIT = [False]
+
+
+@contextmanager
+def skip_init():
+    """Layers built inside get read-only zero-stride placeholder weights that hold no memory
+    (and draw no random numbers), for a loader that replaces every one with
+    ``load_state_dict`` or swaps the layer out: building a quantized model this way never
+    allocates its float32 weights."""
+    old, _SKIP_INIT[0] = _SKIP_INIT[0], True
+    try:
+        yield
+    finally:
+        _SKIP_INIT[0] = old
+
+
+def _placeholder(shape, dtype):
+    return np.broadcast_to(np.zeros((), dtype or get_default_dtype()), shape)
+
+
 def uniform(shape, bound: float, dtype=None) -> np.ndarray:
+    if _SKIP_INIT[0]:
+        return _placeholder(shape, dtype)
     return _rng().uniform(-bound, bound, size=shape).astype(dtype or get_default_dtype())
 
 
 def normal(shape, std: float, dtype=None) -> np.ndarray:
+    if _SKIP_INIT[0]:
+        return _placeholder(shape, dtype)
     return (_rng().standard_normal(size=shape) * std).astype(dtype or get_default_dtype())
 
 

@@ -161,7 +161,8 @@ class Module:
         for _, m, n, b in list(self.named_buffers()):
             if not hasattr(b, "shape"):
                 continue
-            if dtype is not None and b.dtype.kind == "f":  # integer buffers (ids, masks) keep their dtype
+            # integer buffers (ids, masks) keep their dtype, and so do packed weights (QuantLinear)
+            if dtype is not None and b.dtype.kind == "f" and not getattr(m, "_keep_buffer_dtypes", False):
                 b = b.astype(dtype)
             if device is not None:
                 b = backend.to_device(b, device)

@@ -1,0 +1,90 @@
+"""GPTQ: 4-bit codes chosen with the layer's inputs in mind (Frantar et al., 2022).
+
+Round-to-nearest quantizes each weight alone. GPTQ minimises the error of the layer's
+*output* over calibration inputs X, ``||X W^T - X Q^T||^2``, whose Hessian in each row of W
+is ``H = 2 X^T X`` (the same for every row). It quantizes the columns (input channels) in
+order; after column i is rounded, its error ``e = (w_i - q_i) / [H^-1]_ii`` is spread onto the
+columns not yet quantized, ``w_j -= e [H^-1]_ij``, so they compensate for it (the optimal
+brain surgeon update, with the inverse Hessian's Cholesky factor so each step is one row).
+Columns go in lazy batches of ``block`` (the update of the rest is one matrix product per
+batch).
+
+The codes land in q4_0's layout, byte for byte (scheme ``gptq``): each block of 32 columns
+gets its float16 scale d = m / -8 from the block's weights *as they are when its first
+column is reached* (error feedback included), the codes are q = trunc(w / d + 8.5) clipped
+to 0..15, and the value that feeds the error is the stored one, (q - 8) * float16(d). So a
+GPTQ layer runs on the q4_0 kernels and exports to GGUF as Q4_0.
+
+The Hessians come from ``minigrad.calib.collect`` (forward hooks on the float model, one
+pass over the calibration batches), and ``damp`` (1% of the mean diagonal) keeps H
+invertible; input channels that never fired get a unit diagonal and zero weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+from .quant import BLOCK, Q4_0, QuantizedTensor
+
+
+def gptq_weight(w: np.ndarray, H: np.ndarray, damp: float = 0.01, block: int = 128):
+    """GPTQ of one weight (rows, cols) with Hessian H (cols, cols) -> (d, q) as Q4_0.pack_codes takes."""
+    if block % BLOCK:
+        raise ValueError(f"gptq: block ({block}) must be a multiple of {BLOCK}")
+    W = np.array(w, dtype=np.float64)
+    rows, cols = W.shape
+    H = np.array(H, dtype=np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(cols)] += damp * np.mean(np.diag(H))
+    # upper Cholesky factor of H^-1: row i holds [H^-1]_ii..., scaled as the OBS update needs
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T
+    nb = cols // BLOCK
+    d_all = np.zeros((rows, nb, 1), np.float32)
+    q_all = np.zeros((rows, nb, BLOCK), np.uint8)
+    d32 = inv = d16 = None
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].copy()
+        Err = np.zeros_like(W1)
+        for i in range(i2 - i1):
+            c = i1 + i
+            if c % BLOCK == 0:                      # the group's scale, from the weights as they are now
+                g = W1[:, i:i + BLOCK].astype(np.float32)    # block % BLOCK == 0: inside W1
+                imax = np.abs(g).argmax(axis=1)
+                d32 = (g[np.arange(rows), imax] / np.float32(-8)).astype(np.float32)
+                inv = np.where(d32 == 0, np.float32(0), np.float32(1) / np.where(d32 == 0, np.float32(1), d32))
+                d16 = d32.astype(np.float16).astype(np.float64)
+                d_all[:, c // BLOCK, 0] = d32
+            w = W1[:, i]
+            q = np.clip(np.trunc((w.astype(np.float32) * inv).astype(np.float32) + np.float32(8.5)), 0, 15)
+            q_all[:, c // BLOCK, c % BLOCK] = q.astype(np.uint8)
+            err = (w - (q - 8) * d16) / Hinv[c, c]
+            W1[:, i + 1:] -= np.outer(err, Hinv[c, c + 1:i2])
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return d_all, q_all
+
+
+def gptq_quantize(model, names, batches, run=None, progress: bool = False, damp: float = 0.01,
+                  block: int = 128) -> dict:
+    """{layer name: QuantizedTensor("gptq")} for the named Linear layers of ``model``."""
+    from .calib import collect
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(list(batches), desc="gptq calibration", unit="batch")
+    stats = collect(model, batches, run=run, modules=list(names), want=("xtx",))
+    modules = dict(model.named_modules())
+    out = {}
+    it = names
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(list(names), desc="gptq layers", unit="layer")
+    for n in it:
+        w = backend.to_numpy(modules[n].weight.data)
+        d, q = gptq_weight(w, stats[n].hessian(), damp, block)
+        xp = backend.get_array_module(modules[n].weight.data)
+        blocks = Q4_0.pack_codes(d, q)
+        out[n] = QuantizedTensor("gptq", w.shape, {"blocks": xp.asarray(blocks)})
+    return out
