@@ -106,10 +106,30 @@ def _run_quantize(model, ctx: Context):
     return model
 
 
+# --------------------------------------------------------------------------- merging a LoRA adapter
+def _check_merge_lora(ctx: Context) -> None:
+    if ctx.kind != "lora":
+        raise CompressError(f"--merge_lora: {ctx.model_dir} is a {ctx.kind} folder, not a LoRA adapter run "
+                            "(lm.train with train.init_from and lora.r writes one)")
+
+
+def _run_merge_lora(model, ctx: Context):
+    """The adapter merged into the float base it was trained on (lm.finetune.merge_adapter_dir)."""
+    from .finetune import merge_adapter_dir
+    merged, _, conf = merge_adapter_dir(ctx.model_dir)
+    # the result is a plain model: it no longer names a base or an adapter
+    ctx.conf = {k: v for k, v in ctx.conf.items() if k not in ("lora", "base")}
+    ctx.done.append({"name": "merge_lora", "base": conf["base"], "lora": conf["lora"]})
+    ctx.log(f"merged the r={conf['lora']['r']} adapter into {conf['base']['path']}"
+            + (f" (dequantized from {conf['lora']['quantize_base']})" if conf["lora"].get("quantize_base") else ""))
+    return merged
+
+
 # Steps run in this order on the loaded model. A technique adds its flags in add_arguments()
 # and one Step here: merging a LoRA adapter first, then pruning and low-rank factorization,
 # and quantization last (it packs the weights that the others change).
 STEPS: list[Step] = [
+    Step("merge_lora", lambda a: a.merge_lora, _check_merge_lora, _run_merge_lora),
     Step("quantize", lambda a: a.quantize is not None, _check_quantize, _run_quantize),
 ]
 
@@ -147,6 +167,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib_data", default=None, help="calibration text for gptq (file, folder or built-in name)")
     g.add_argument("--calib_batches", type=int, default=8, help="calibration batches for gptq")
     g.add_argument("--calib_batch_size", type=int, default=8, help="sequences per calibration batch")
+    p.add_argument("--merge_lora", action="store_true",
+                   help="--model_dir is a LoRA adapter run: write base + adapter merged into one float model")
     r = p.add_argument_group("report")
     r.add_argument("--no_report", action="store_true", help="save only; skip the before/after measurement")
     r.add_argument("--eval_batches", type=int, default=40, help="validation batches (0: the whole split)")
@@ -174,7 +196,7 @@ def _validate(args) -> Context:
     steps = [s for s in STEPS if s.wanted(args)]
     if not steps:
         raise CompressError("nothing to do: choose a step, e.g. --quantize q8_0 (schemes: "
-                            + ", ".join(quant.SCHEMES) + ")")
+                            + ", ".join(quant.SCHEMES) + ") or --merge_lora")
     for n in ("eval_batches", "decode_tokens", "batch_size", "repeats", "calib_batch_size"):
         if getattr(args, n) < (0 if n == "eval_batches" else 1):
             raise CompressError(f"--{n} must be {'>= 0' if n == 'eval_batches' else '>= 1'}, got {getattr(args, n)}")

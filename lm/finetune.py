@@ -108,9 +108,16 @@ def _set_dropout(model, p: float) -> None:
 
 
 def quantize_base_(model, fmt: str):
-    """Freeze-and-pack the base's linear layers for QLoRA (``nf4`` / ``q4_0``)."""
-    raise ConfigError(f"lora.quantize_base={fmt}: this build has no quantized linear layer "
-                      f"(minigrad.nn.quantized); leave lora.quantize_base empty for LoRA on a float base")
+    """Pack every Linear of the base (``nf4`` / ``q4_0``, ``minigrad.quant.quantize_``) for QLoRA.
+
+    The tied ``lm_head`` / ``wte`` pair is packed too (one set of codes for both). Rounding to
+    nearest is deterministic, so the loader rebuilds exactly the codes the adapter was trained on.
+    """
+    from minigrad import quant
+    try:
+        return quant.quantize_(model, fmt)
+    except quant.QuantError as e:
+        raise ConfigError(f"lora.quantize_base={fmt}: {e}") from None
 
 
 def prepare_model(base: Base, cfg, log=print):
@@ -146,7 +153,8 @@ def save_adapter_dir(model_dir: str, model, tokenizer, cfg, extra: dict | None =
     if cfg.lora.merge:
         from .train import save_model_dir
         check_base(model_dir, ref["path"], ref["sha256"])
-        merged = merged_model(ref["path"], conf=lora_config(model), state=lora_state_dict(model))
+        merged = merged_model(ref["path"], conf=lora_config(model), state=lora_state_dict(model),
+                              quantize_base=cfg.lora.quantize_base)
         save_model_dir(model_dir, merged, tokenizer, cfg, {**(extra or {}), "merged_from": ref})
         return
     os.makedirs(model_dir, exist_ok=True)
@@ -206,12 +214,18 @@ def load_adapter_dir(model_dir: str, conf: dict, device: str = "cpu"):
 
 
 def merged_model(base_dir: str, adapter_path: str | None = None, *, conf: dict | None = None,
-                 state: dict | None = None):
-    """A plain GPT: the float base with an adapter merged in (``merge_and_unload_``).
+                 state: dict | None = None, quantize_base: str = ""):
+    """A plain float GPT: the base with an adapter merged in (``merge_and_unload_``).
 
-    The adapter is a file (``adapter_path``) or a ``lora_config`` dict and its arrays.
+    The adapter is a file (``adapter_path``) or a ``lora_config`` dict and its arrays. For a
+    QLoRA adapter (``quantize_base``), the base is quantized as in training and dequantized
+    again, so the merged weights are ``dequant(codes) + scale * B A``: the very function the
+    adapter was trained in, in float (re-quantize it with ``lm.compress --quantize`` if wanted).
     """
     model, _ = load_model(base_dir, "cpu")
+    if quantize_base:
+        from minigrad import quant
+        quant.dequantize_(quantize_base_(model, quantize_base))
     if adapter_path is not None:
         load_lora(model, adapter_path)
     else:
@@ -228,6 +242,7 @@ def merge_adapter_dir(model_dir: str):
         raise ModelDirError(f"{model_dir} is not a LoRA adapter folder (its config.json has no 'lora' and 'base')")
     base_dir = resolve_base(model_dir, conf["base"])
     check_base(model_dir, base_dir, conf["base"]["sha256"])
-    model = merged_model(base_dir, os.path.join(model_dir, ADAPTER))
+    model = merged_model(base_dir, os.path.join(model_dir, ADAPTER),
+                         quantize_base=conf["lora"].get("quantize_base") or "")
     _, tok = load_model(base_dir, "cpu")
     return model, tok, conf

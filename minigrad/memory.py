@@ -15,7 +15,8 @@
 
 Categories (each buffer counted once, in the first category that holds it):
 
-- ``parameters``: the arrays of the model's parameters;
+- ``parameters``: the arrays of the model's parameters (and its persistent buffers: packed
+  quantized weights are weights);
 - ``gradients``: their ``.grad`` arrays, and the parameter gradients a backward pass is
   still accumulating;
 - ``optimizer``: the arrays in ``optimizer.state`` (AdamW: two per parameter);
@@ -86,12 +87,18 @@ def _roots(arrays) -> dict:
 SPLIT = ("parameters", "gradients", "optimizer")   # the categories that split into trainable / frozen
 
 
+def weight_buffers(model) -> list:
+    """The persistent buffers of a model (packed quantized weights): weights that are not Parameters."""
+    return [b for _, m, n, b in model.named_buffers() if n not in m._non_persistent and hasattr(b, "nbytes")]
+
+
 def static_memory(model=None, optimizer=None, *, params=None) -> dict:
     """Bytes of parameters, gradients and optimizer state, each split by ``requires_grad``.
 
     ``{"parameters": {"trainable": b, "frozen": b}, "gradients": {...}, "optimizer": {...}}``:
     the saving of LoRA (or of any freezing) in numbers. A buffer is counted once; optimizer
-    state belongs to the side of the parameter it was kept for.
+    state belongs to the side of the parameter it was kept for. A model's persistent buffers
+    (a QuantLinear's packed codes and scales: QLoRA's base) are frozen weights.
     """
     if params is None:
         params = model.parameters() if model is not None else \
@@ -100,7 +107,8 @@ def static_memory(model=None, optimizer=None, *, params=None) -> dict:
     out = {c: {"trainable": 0, "frozen": 0} for c in SPLIT}
     for side, flag in (("trainable", True), ("frozen", False)):
         ps = [p for p in params if bool(p.requires_grad) == flag]
-        out["parameters"][side] = unique_nbytes(p.data for p in ps)
+        extra = weight_buffers(model) if (model is not None and not flag) else []
+        out["parameters"][side] = unique_nbytes([p.data for p in ps] + extra)
         out["gradients"][side] = unique_nbytes(p.grad.data for p in ps if p.grad is not None)
     if optimizer is not None:
         by_name = {n: p for _, n, p in optimizer.named_params()}
@@ -130,6 +138,7 @@ class MemoryTracker(Observer):
             else:
                 params = ()
         self._params = list({id(p): p for p in params}.values())
+        self._model = model   # its buffers (packed weights) count as parameters
         self.optimizer = optimizer
         self.record_timeline = timeline
         self._bufs: dict = {}        # id(root) -> [root, nbytes, n_act, n_other]
@@ -221,7 +230,7 @@ class MemoryTracker(Observer):
 
     # ------------------------------------------------------------------ counting
     def _refresh_static(self) -> None:
-        params = [p.data for p in self._params]
+        params = [p.data for p in self._params] + (weight_buffers(self._model) if self._model is not None else [])
         self._param_roots = set(_roots(params))
         grads = [p.grad.data for p in self._params if p.grad is not None]
         self._grad_roots = set(_roots(grads))
@@ -232,7 +241,7 @@ class MemoryTracker(Observer):
                 opt.extend(v for v in st.values() if hasattr(v, "nbytes") and getattr(v, "ndim", 0) > 0)
         self._static = {"parameters": unique_nbytes(params), "gradients": unique_nbytes(grads),
                         "optimizer": unique_nbytes(opt)}
-        self._split = static_memory(optimizer=self.optimizer, params=self._params)
+        self._split = static_memory(self._model, self.optimizer, params=self._params)
 
     def _row(self) -> dict:
         g_fly = sum(v[0] for v in self._inflight.values())

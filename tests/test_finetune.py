@@ -200,3 +200,47 @@ def test_resume_refuses_a_changed_base(base, tmp_path, capsys):
     mg.io.save_file(w, str(copy / "model.safetensors"))
     args[5] = "20"
     assert "has changed since this run started" in error_of(capsys, args + ["--resume"])
+
+
+@pytest.fixture(scope="module")
+def base64(base):
+    """A 64-wide base: NF4 packs blocks of 64 weights along each row."""
+    out = base["root"] / "base64"
+    assert lt.main(["--data", str(base["root"] / "pre.txt"), "--output_dir", str(out), "--max_iters", "30",
+                    "--seed", "1", *TINY, "model.n_embd=64", base["cache"]]) == 0
+    return {**base, "dir": str(out / "model")}
+
+
+def test_qlora_run_merge_and_compress_merge_lora(base64, tmp_path, capsys):
+    from lm import compress
+    from minigrad.nn.quantized import QuantLinear
+    a, b = tmp_path / "qlora", tmp_path / "qlora-merged"
+    common = ["lora.r=4", "lora.quantize_base=nf4", "train.eval_interval=10", "train.log_memory=true"]
+    assert lt.main(ft_args(base64, a, *common)) == 0
+    conf = json.loads((a / "model" / "config.json").read_text())
+    assert conf["lora"]["quantize_base"] == "nf4"
+    adapted, _ = load_model(str(a / "model"))
+    wrapped = [m for _, m in adapted.named_modules() if isinstance(m, LoRALinear)]
+    assert wrapped and all(isinstance(m.base_layer, QuantLinear) for m in wrapped)
+    rec = [json.loads(line) for line in open(a / "metrics.jsonl") if '"mem_' in line][-1]
+    full_bytes = 4 * sum(p.size for p in load_model(base64["dir"])[0].parameters())
+    assert rec["mem_parameters_frozen"] < 0.35 * full_bytes      # the base is packed (4-bit codes + scales)
+    assert rec["mem_optimizer_frozen"] == 0 and rec["mem_gradients_frozen"] == 0
+    assert gen.main(["--model_dir", str(a / "model"), "--prompt", "the", "--max_new_tokens", "5"]) == 0
+    # --merge: a float model equal to (dequantized base + adapter)
+    assert lt.main(ft_args(base64, b, *common, "--merge")) == 0
+    merged, _ = load_model(str(b / "model"))
+    assert detect_kind(str(b / "model")) == "minigrad" and not has_lora(merged)
+    la, lb = logits(adapted), logits(merged)
+    assert np.abs(la - lb).max() / np.abs(la).max() < 1e-5
+    # lm.compress --merge_lora does the same from the adapter folder
+    c = tmp_path / "compressed"
+    assert compress.main(["--model_dir", str(a / "model"), "--output_dir", str(c), "--merge_lora",
+                          "--no_report"]) == 0
+    assert detect_kind(str(c)) == "minigrad"
+    lc = logits(load_model(str(c))[0])
+    assert np.abs(la - lc).max() / np.abs(la).max() < 1e-5
+    capsys.readouterr()
+    err = error_of(capsys, ["--model_dir", base64["dir"], "--output_dir", str(tmp_path / "n"), "--merge_lora"],
+                   compress.main)
+    assert "not a LoRA adapter run" in err

@@ -253,3 +253,83 @@ def test_static_memory_split_trainable_frozen():
     assert s["parameters"] == {"trainable": 4 * n_lora, "frozen": 4 * (n_all - n_lora)}
     assert s["gradients"] == {"trainable": 4 * n_lora, "frozen": 0}
     assert s["optimizer"] == {"trainable": 8 * n_lora, "frozen": 0}
+
+
+# --------------------------------------------------------------------------- QLoRA: adapters on a packed base
+def quant_lora(scheme="nf4", seed=0, in_f=64, out_f=12, dtype=np.float64):
+    from minigrad import quant
+    from minigrad.nn.quantized import QuantLinear
+    mg.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f)
+    q = QuantLinear.from_linear(lin, quant.quantize_tensor(lin.weight.data, scheme))
+    if dtype == np.float64:
+        q.bias.data = q.bias.data.astype(np.float64)
+    return q, LoRALinear(q, r=3, alpha=6)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "q4_0"])
+def test_qlora_gradients_match_a_float_base_dequantized_from_the_same_codes(scheme):
+    q, lo = quant_lora(scheme)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 64))
+    A = lo.lora_A.data.astype(np.float64)
+    B = rng.standard_normal((12, 3))
+    lo.lora_A.data, lo.lora_B.data = A.copy(), B.copy()
+    # a float twin: Linear whose weight is the dequantized codes (float64), same adapter arrays
+    twin = nn.Linear(64, 12)
+    twin.weight.data = q.weight.dequantize(np.float64)
+    twin.bias.data = q.bias.data.copy()
+    tlo = LoRALinear(twin, r=3, alpha=6)
+    tlo.lora_A.data, tlo.lora_B.data = A.copy(), B.copy()
+    twin.requires_grad_(False)
+    w = rng.standard_normal((2, 3, 12))
+    grads = []
+    for layer in (lo, tlo):
+        xt = mg.Tensor(x, requires_grad=True)
+        out = layer(xt)
+        (out * mg.Tensor(w)).sum().backward()
+        grads.append((out.numpy(), xt.grad.numpy(), layer.lora_A.grad.numpy(), layer.lora_B.grad.numpy()))
+        layer.zero_grad()
+    for a, b in zip(*grads):
+        assert np.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(q.weight.dequantize(np.float64), 0)
+    # and the numerical oracle, through the packed layer (gradients of x, A and B)
+
+    def f(x, a, b):
+        lo.lora_A.data, lo.lora_B.data = a.data, b.data
+        return q(x) + mg.linear(mg.linear(x, a) * lo.scaling, b)
+    gradcheck(f, [x, A, B], name=f"qlora-{scheme}")
+    lo.lora_A.data, lo.lora_B.data = A.copy(), B.copy()
+    assert np.allclose(lo(mg.Tensor(x)).numpy(), f(mg.Tensor(x), mg.Tensor(A), mg.Tensor(B)).numpy())
+
+
+def test_qlora_gpt_trains_only_adapters_and_refuses_to_merge_into_codes():
+    from minigrad import quant
+    from minigrad.nn.quantized import QuantLinear
+    m = tiny_gpt(n_embd=64)
+    quant.quantize_(m, "nf4")
+    apply_lora(m, r=4, targets=TARGETS)
+    mark_only_lora_as_trainable(m)
+    assert all(isinstance(x.base_layer, QuantLinear) for _, x in m.named_modules() if isinstance(x, LoRALinear))
+    x, y = batch()
+    before_codes = {n: b.copy() for n, _, _, b in m.named_buffers()}
+    ref = m.eval()(x, y)[0].numpy()
+    m.train()
+    opt = m.configure_optimizer(1e-2, 0.0, (0.9, 0.99))
+    assert {n for _, n, _ in opt.named_params()} == {n for n, _ in m.named_parameters() if ".lora_" in n}
+    for _ in range(2):
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        assert all((p.grad is not None) == (".lora_" in n) for n, p in m.named_parameters())
+        opt.step()
+    assert all(np.array_equal(b, before_codes[n]) for n, _, _, b in m.named_buffers())
+    assert not np.allclose(m.eval()(x, y)[0].numpy(), ref)
+    with pytest.raises(LoRAError, match="quantized base.*float base"):
+        merge_lora(m)
+    t, a = __import__("minigrad.nn.lora", fromlist=["x"]).count_parameters(m)
+    assert a > 10 * t and "trainable%" in trainable_report(m)
+    s = static_memory(m, opt)
+    packed = sum(b.nbytes for _, _, _, b in m.named_buffers())
+    assert packed > 0 and s["parameters"]["frozen"] >= packed
+    assert s["optimizer"]["frozen"] == 0 and s["gradients"]["frozen"] == 0

@@ -78,6 +78,7 @@ class LoRALinear(Module):
 
     @property
     def quantized(self) -> bool:
+        """A packed base (QuantLinear: QLoRA): frozen codes, gradients go through to the input only."""
         return not isinstance(self.base_layer, Linear)
 
     def forward(self, x):
@@ -120,14 +121,13 @@ class LoRALinear(Module):
 
 
 def _float_dtype(base) -> np.dtype:
-    w = getattr(base, "weight", None)
-    if w is not None and getattr(w, "dtype", None) is not None and np.dtype(w.dtype).kind == "f":
-        return np.dtype(w.dtype)
-    return np.dtype(getattr(base, "compute_dtype", np.float32))
+    w = base._parameters.get("weight")          # a QuantLinear has packed codes instead: adapters in float32
+    return np.dtype(w.dtype) if w is not None and np.dtype(w.dtype).kind == "f" else np.dtype(np.float32)
 
 
 def _is_linear_like(m) -> bool:
-    return isinstance(m, Linear) or (type(m).__name__ in ("QuantLinear",) and hasattr(m, "in_features"))
+    from .quantized import QuantLinear
+    return isinstance(m, (Linear, QuantLinear))
 
 
 def _parent(model: Module, name: str):
@@ -215,8 +215,9 @@ def count_parameters(model: Module) -> tuple[int, int]:
     for _, p in model.named_parameters():
         total += p.size
         trainable += p.size if p.requires_grad else 0
+    from .quantized import QuantLinear
     for _, m in model.named_modules():
-        if type(m).__name__ == "QuantLinear" and "weight" not in m._parameters:
+        if isinstance(m, QuantLinear):
             total += m.in_features * m.out_features
     return trainable, total
 
