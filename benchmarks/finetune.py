@@ -14,7 +14,7 @@ token for: '$') for the same number of steps on the same batches (same seed), by
 - ``lora-attn``: the same on attention only (c_attn, attn.c_proj), the smaller optimizer state;
 - ``qlora``: ``lora`` on an NF4 base (when ``minigrad.nn.quantized`` is there).
 
-Measured: validation loss at the end (40 batches), parameters + gradients + optimizer state
+Measured: validation loss at the end (25 batches of 8 x 128), parameters + gradients + optimizer state
 after a step (``minigrad.memory.static_memory``, split trainable/frozen, from the run's own
 ``train.log_memory`` metrics), the step time of full vs LoRA (one process, alternating steps
 on the same batch, median), and the correctness checks: logits at B = 0, merged vs unmerged,
@@ -64,8 +64,8 @@ def base_model_dir(log=print) -> str:
     return model_dir
 
 
-FT = ["train.batch_size=16", "train.warmup_iters=20", "train.min_lr=1e-4", "train.weight_decay=0.0",
-      "train.beta1=0.9", "train.beta2=0.99", "train.grad_clip=1.0", "train.eval_iters=40", "train.seed=7",
+FT = ["train.batch_size=8", "train.warmup_iters=10", "train.min_lr=1e-4", "train.weight_decay=0.0",
+      "train.beta1=0.9", "train.beta2=0.99", "train.grad_clip=1.0", "train.eval_iters=25", "train.seed=7",
       "train.sample_tokens=0", "train.progress=false", "train.log_memory=true", "train.log_interval=50"]
 RUNS = {
     "full": ["train.learning_rate=1e-3"],
@@ -130,7 +130,7 @@ def time_steps(base_dir, text, rounds, log):
     apply_lora(lora, 8, 16, targets=["c_attn", "c_proj", "c_fc"])
     mark_only_lora_as_trainable(lora)
     data = prepare_data(text, tokenizer=tok)
-    x, y = get_batch(data.train, 16, full.config.block_size, np.random.default_rng(0))
+    x, y = get_batch(data.train, 8, full.config.block_size, np.random.default_rng(0))
     models = {}
     for name, m in (("full", full), ("lora", lora)):
         m.train()
@@ -186,9 +186,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Full fine-tuning vs LoRA vs QLoRA, side by side.")
     p.add_argument("--data", default="/work/shared/data/tinyshakespeare.txt" if os.path.isfile(
         "/work/shared/data/tinyshakespeare.txt") else "shakespeare", help="the fine-tuning text")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
-    p.add_argument("--runs", default="full,lora,lora-attn,qlora")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--rounds", type=int, default=8, help="timed steps per variant")
+    p.add_argument("--runs", default="full,lora,qlora,lora-attn")
     p.add_argument("--output_dir", default="benchmarks/results/finetune")
     p.add_argument("--fresh", action="store_true", help="retrain the fine-tuning runs")
     args = p.parse_args(argv)
@@ -203,12 +203,15 @@ def main(argv=None) -> int:
         except ImportError:
             log("qlora: skipped (this build has no minigrad.nn.quantized)")
             names.remove("qlora")
-    res = {n: run(n, base_dir, text, args.steps, args.fresh, log) for n in names}
+    res = {}
+    for n in names:
+        res[n] = run(n, base_dir, text, args.steps, args.fresh, log)
+        log(f"  {n}: val loss {res[n]['start_val']:.4f} -> {res[n]['val_loss']:.4f}")
     ms = time_steps(base_dir, text, args.rounds, log)
     chk = correctness(base_dir, res["lora"]["dir"]) if "lora" in res else {}
     full_mem = res["full"]["memory"]
     lines = [f"Base: 4 x 256 GPT pretrained on python-docs; fine-tuned {args.steps} steps on {os.path.basename(args.data)}, "
-             "batch 16 x 128, same batches for every run.", "",
+             "batch 8 x 128, same batches for every run.", "",
              "| run | trainable params | val loss (start -> end) | vs full | params+grads+optim (MiB) | vs full "
              "| optimizer state (MiB) | vs full |", "|---|---|---|---|---|---|---|---|"]
     for n, r in res.items():
