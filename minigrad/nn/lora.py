@@ -8,7 +8,7 @@ rank-stabilised LoRA). Dropout, when asked, applies to the adapter's input only.
 
     apply_lora(model, r=8, alpha=16, targets=["c_attn", "c_proj", "c_fc"])
     mark_only_lora_as_trainable(model)
-    print(trainable_report(model))  # trainable params: 131,072 || all params: 3,334,400 || trainable%: 3.9310
+    print(trainable_report(model))  # trainable params: 131,072 || all params: 3,349,760 || trainable%: 3.9129
 
 ``targets`` follow PEFT's ``target_modules`` rule (``minigrad.calib.match``): a pattern names a
 module by its full dotted name or by its last components (``"c_proj"`` matches both
