@@ -333,3 +333,28 @@ def test_qlora_gpt_trains_only_adapters_and_refuses_to_merge_into_codes():
     packed = sum(b.nbytes for _, _, _, b in m.named_buffers())
     assert packed > 0 and s["parameters"]["frozen"] >= packed
     assert s["optimizer"]["frozen"] == 0 and s["gradients"]["frozen"] == 0
+
+
+def test_memory_plot_draws_frozen_weights_apart():
+    from minigrad.memory import MemoryTracker
+    m = tiny_gpt()
+    apply_lora(m, r=4, targets=TARGETS)
+    mark_only_lora_as_trainable(m)
+    opt = m.configure_optimizer(1e-2, 0.0, (0.9, 0.99))
+    x, y = batch()
+    with MemoryTracker(m, opt) as mt:
+        mt.mark("forward")
+        _, loss = m(x, y)
+        mt.mark("backward")
+        loss.backward()
+        opt.step()
+        mt.mark("end")
+    fig = mt.plot()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:2] == ["frozen parameters", "trainable parameters"] or \
+        set(labels) >= {"frozen parameters", "trainable parameters"}
+    frozen = static_memory(m, opt)["parameters"]["frozen"] / 2 ** 20
+    # the lowest band is the frozen weights: its top edge is their size in MiB
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert np.isclose(band.max(), frozen, rtol=1e-6)
