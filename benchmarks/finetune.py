@@ -191,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="full,lora,qlora,lora-attn")
     p.add_argument("--output_dir", default="benchmarks/results/finetune")
     p.add_argument("--fresh", action="store_true", help="retrain the fine-tuning runs")
+    p.add_argument("--train_only", action="store_true",
+                   help="train (and cache) the --runs, then stop: several processes can fill the cache at once")
     args = p.parse_args(argv)
     log = print
     base_dir = base_model_dir(log)
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
     for n in names:
         res[n] = run(n, base_dir, text, args.steps, args.fresh, log)
         log(f"  {n}: val loss {res[n]['start_val']:.4f} -> {res[n]['val_loss']:.4f}")
+    if args.train_only:
+        return 0
     ms = time_steps(base_dir, text, args.rounds, log)
     chk = correctness(base_dir, res["lora"]["dir"]) if "lora" in res else {}
     full_mem = res["full"]["memory"]

@@ -2,6 +2,7 @@
 
     python -m lm.compress --model_dir output/model --quantize q4_0 --output_dir output/model-q4_0
     python -m lm.compress --model_dir output/model --quantize gptq --calib_data data.txt --output_dir out/gptq
+    python -m lm.compress --model_dir ft-lora/model --merge_lora --output_dir ft-merged     # a LoRA adapter run
 
 A pipeline: load the folder (``lm.loader.load_model``, any kind it knows), run the chosen
 steps in ``STEPS`` order on the model, save the new folder (it opens with the same loader,

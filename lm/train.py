@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (overrides train.device)")
     p.add_argument("--max_iters", type=int, default=None, help="overrides train.max_iters")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--init_from", default=None, help="a trained model folder to fine-tune (sets train.init_from)")
     p.add_argument("--merge", action="store_true", help="LoRA runs: output_dir/model is a merged stand-alone "
                                                        "model instead of the adapter (sets lora.merge)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -71,6 +72,8 @@ def resolve_config(args) -> Config:
         cfg.train.max_iters = args.max_iters
     if args.no_progress:
         cfg.train.progress = False
+    if args.init_from is not None:
+        cfg.train.init_from = args.init_from
     if args.merge:
         cfg.lora.merge = True
     validate(cfg)

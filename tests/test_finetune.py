@@ -98,7 +98,10 @@ def test_merge_flag_writes_a_stand_alone_model_equal_to_base_plus_adapter(base, 
 
 def test_full_fine_tuning_from_a_model(base, tmp_path):
     out = tmp_path / "full"
-    assert lt.main(ft_args(base, out, "train.eval_interval=10", "train.learning_rate=3e-3")) == 0
+    args = ft_args(base, out, "train.eval_interval=10", "train.learning_rate=3e-3")
+    args.remove(f"train.init_from={base['dir']}")
+    args = ["--init_from", base["dir"], *args]   # the flag form
+    assert lt.main(args) == 0
     model, _ = load_model(str(out / "model"))
     base_model, _ = load_model(base["dir"])
     assert not has_lora(model)
