@@ -221,11 +221,15 @@ def merged_model(base_dir: str, adapter_path: str | None = None, *, conf: dict |
     QLoRA adapter (``quantize_base``), the base is quantized as in training and dequantized
     again, so the merged weights are ``dequant(codes) + scale * B A``: the very function the
     adapter was trained in, in float (re-quantize it with ``lm.compress --quantize`` if wanted).
+    A base folder that is itself quantized (``lm.compress`` output) is dequantized the same way.
     """
+    from minigrad import quant
+    from minigrad.nn.quantized import QuantLinear
     model, _ = load_model(base_dir, "cpu")
     if quantize_base:
-        from minigrad import quant
-        quant.dequantize_(quantize_base_(model, quantize_base))
+        quantize_base_(model, quantize_base)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):   # also a base that was quantized on disk
+        quant.dequantize_(model)
     if adapter_path is not None:
         load_lora(model, adapter_path)
     else:

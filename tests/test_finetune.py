@@ -247,3 +247,20 @@ def test_qlora_run_merge_and_compress_merge_lora(base64, tmp_path, capsys):
     err = error_of(capsys, ["--model_dir", base64["dir"], "--output_dir", str(tmp_path / "n"), "--merge_lora"],
                    compress.main)
     assert "not a LoRA adapter run" in err
+
+
+def test_lora_on_a_base_quantized_by_lm_compress(base64, tmp_path):
+    """init_from an lm.compress q4_0 folder: adapters sit on its QuantLinears; --merge dequantizes."""
+    from lm import compress
+    q = tmp_path / "q4"
+    assert compress.main(["--model_dir", base64["dir"], "--output_dir", str(q), "--quantize", "q4_0",
+                          "--no_report", "--no_progress"]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["lora.r=2", "train.eval_interval=10"]
+    args = ft_args(base64, a, *common, iters=10)
+    args[args.index(f"train.init_from={base64['dir']}")] = f"train.init_from={q}"
+    assert lt.main(args) == 0
+    args_b = [x if x != str(a) else str(b) for x in args] + ["--merge"]
+    assert lt.main(args_b) == 0
+    la, lb = logits(load_model(str(a / "model"))[0]), logits(load_model(str(b / "model"))[0])
+    assert np.abs(la - lb).max() / np.abs(la).max() < 1e-5
