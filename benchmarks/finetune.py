@@ -14,10 +14,10 @@ token for: '$') for the same number of steps on the same batches (same seed), by
 - ``lora-attn``: the same on attention only (c_attn, attn.c_proj), the smaller optimizer state;
 - ``qlora``: ``lora`` on an NF4 base (when ``minigrad.nn.quantized`` is there).
 
-Measured: validation loss at the end (25 batches of 8 x 128), parameters + gradients + optimizer state
-after a step (``minigrad.memory.static_memory``, split trainable/frozen, from the run's own
-``train.log_memory`` metrics), the step time of full vs LoRA (one process, alternating steps
-on the same batch, median), and the correctness checks: logits at B = 0, merged vs unmerged,
+Measured: validation loss at the end (8 batches of 8 x 128 per split, the same batches for every
+run); parameters + gradients + optimizer state after a step (``minigrad.memory.static_memory``,
+split trainable / frozen); the step time of every variant (one process, alternating steps on
+the same batch, median); and the correctness checks: logits at B = 0, merged vs unmerged,
 adapter file size. Prints a Markdown table and writes ``report.md`` and ``results.json``.
 Fine-tuning runs are cached too (by config hash); ``--fresh`` retrains them.
 """
@@ -65,8 +65,8 @@ def base_model_dir(log=print) -> str:
 
 
 FT = ["train.batch_size=8", "train.warmup_iters=10", "train.min_lr=1e-4", "train.weight_decay=0.0",
-      "train.beta1=0.9", "train.beta2=0.99", "train.grad_clip=1.0", "train.eval_iters=25", "train.seed=7",
-      "train.sample_tokens=0", "train.progress=false", "train.log_memory=true", "train.log_interval=50"]
+      "train.beta1=0.9", "train.beta2=0.99", "train.grad_clip=1.0", "train.eval_iters=8", "train.seed=7",
+      "train.sample_tokens=0", "train.progress=false", "train.log_interval=50"]
 RUNS = {
     "full": ["train.learning_rate=1e-3"],
     "lora": ["train.learning_rate=3e-3", "lora.r=8", "lora.alpha=16", "lora.targets=[c_attn, c_proj, c_fc]"],
@@ -111,30 +111,35 @@ def run(name, base_dir, text, steps, fresh, log):
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    steps_rows = [r for r in rows if "loss" in r and "mem_parameters_trainable" in r]
-    mem = {k[4:]: v for k, v in steps_rows[-1].items() if k.startswith("mem_") and k.count("_") == 2}
     curve = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval"]
     return {"name": name, "dir": out, "val_loss": summary["val_loss"], "start_val": evals[0][1],
-            "memory": mem, "curve": curve, "evals": evals, "ms_per_step_in_run": summary["ms_per_step"]}
+            "curve": curve, "evals": evals, "ms_per_step_in_run": summary["ms_per_step"]}
 
 
-def time_steps(base_dir, text, rounds, log):
-    """Median step time of full fine-tuning vs LoRA (r=8, default targets), alternating, one batch."""
+def measure(base_dir, text, rounds, names, log):
+    """Step time (alternating, median, one batch) and parameters + gradients + optimizer state
+    after a step (``minigrad.memory.static_memory``, split trainable / frozen) of each variant."""
     import minigrad as mg
-    from lm.data import prepare_data, get_batch
+    from lm.data import get_batch, prepare_data
+    from lm.finetune import quantize_base_
     from lm.loader import load_model
+    from minigrad.memory import static_memory
     from minigrad.nn.lora import apply_lora, mark_only_lora_as_trainable
-    full, tok = load_model(base_dir)
-    lora, _ = load_model(base_dir)
-    apply_lora(lora, 8, 16, targets=["c_attn", "c_proj", "c_fc"])
-    mark_only_lora_as_trainable(lora)
-    data = prepare_data(text, tokenizer=tok)
-    x, y = get_batch(data.train, 8, full.config.block_size, np.random.default_rng(0))
-    models = {}
-    for name, m in (("full", full), ("lora", lora)):
+    targets = {"lora": ["c_attn", "c_proj", "c_fc"], "qlora": ["c_attn", "c_proj", "c_fc"],
+               "lora-attn": ["c_attn", "attn.c_proj"]}
+    models, tok = {}, None
+    for name in names:
+        m, tok = load_model(base_dir)
+        if name != "full":
+            if name == "qlora":
+                quantize_base_(m, "nf4")
+            apply_lora(m, 8, 16, targets=targets[name])
+            mark_only_lora_as_trainable(m)
         m.train()
         models[name] = (m, m.configure_optimizer(1e-3, 0.0, (0.9, 0.99)))
+    data = prepare_data(text, tokenizer=tok)
+    x, y = get_batch(data.train, 8, m.config.block_size, np.random.default_rng(0))
     times = {k: [] for k in models}
 
     def step(m, opt):
@@ -145,12 +150,17 @@ def time_steps(base_dir, text, rounds, log):
         mg.optim.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         return time.perf_counter() - t0
-    for i in range(rounds + 2):
-        for name, (m, opt) in (models.items() if i % 2 == 0 else reversed(list(models.items()))):
-            dt = step(m, opt)
-            if i >= 2:   # two warm-up rounds
+    order = list(models)
+    for i in range(rounds + 1):
+        for name in (order if i % 2 == 0 else order[::-1]):
+            dt = step(*models[name])
+            if i >= 1:   # one warm-up round (the optimizer state appears in it)
                 times[name].append(dt)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    mem = {}
+    for name, (m, opt) in models.items():
+        sm = static_memory(m, opt)
+        mem[name] = {f"{c}_{side}": v for c, d in sm.items() for side, v in d.items()}
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}, mem
 
 
 def correctness(base_dir, lora_dir):
@@ -186,8 +196,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Full fine-tuning vs LoRA vs QLoRA, side by side.")
     p.add_argument("--data", default="/work/shared/data/tinyshakespeare.txt" if os.path.isfile(
         "/work/shared/data/tinyshakespeare.txt") else "shakespeare", help="the fine-tuning text")
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--rounds", type=int, default=8, help="timed steps per variant")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=5, help="timed steps per variant")
     p.add_argument("--runs", default="full,lora,qlora,lora-attn")
     p.add_argument("--output_dir", default="benchmarks/results/finetune")
     p.add_argument("--fresh", action="store_true", help="retrain the fine-tuning runs")
@@ -211,7 +221,9 @@ def main(argv=None) -> int:
         log(f"  {n}: val loss {res[n]['start_val']:.4f} -> {res[n]['val_loss']:.4f}")
     if args.train_only:
         return 0
-    ms = time_steps(base_dir, text, args.rounds, log)
+    ms, mems = measure(base_dir, text, args.rounds, list(res), log)
+    for n in res:
+        res[n]["memory"] = mems[n]
     chk = correctness(base_dir, res["lora"]["dir"]) if "lora" in res else {}
     full_mem = res["full"]["memory"]
     lines = [f"Base: 4 x 256 GPT pretrained on python-docs; fine-tuned {args.steps} steps on {os.path.basename(args.data)}, "
@@ -226,8 +238,9 @@ def main(argv=None) -> int:
                      f"{100 * total(m) / total(full_mem):.1f}% | "
                      f"{(m['optimizer_trainable'] + m['optimizer_frozen']) / MiB:.3f} | "
                      f"{100 * (m['optimizer_trainable'] + m['optimizer_frozen']) / (full_mem['optimizer_trainable'] + full_mem['optimizer_frozen']):.2f}% |")
-    lines += ["", f"Step time (median of {args.rounds}, alternating, same batch): full {ms['full']:.1f} ms, "
-              f"LoRA {ms['lora']:.1f} ms (ratio {ms['lora'] / ms['full']:.2f}); other processes were loading the machine."]
+    lines += ["", f"Step time (median of {args.rounds}, alternating, same batch of 8 x 128): "
+              + ", ".join(f"{n} {v:.0f} ms ({v / ms['full']:.2f}x full)" for n, v in ms.items())
+              + "; other processes were loading the machine."]
     if chk:
         lines += ["", f"B = 0: logits bit-identical to the base: {chk['b0_bit_identical']} "
                   f"(max |diff| {chk['b0_max_abs_diff']:.1e}); merged vs unmerged: {chk['merge_rel_diff']:.2e} relative; "
