@@ -94,10 +94,11 @@ def finetune_text(data: str, base_dir: str) -> str:
     return path, drop
 
 
-def run(name, base_dir, text, steps, fresh, log):
+def run(name, base_dir, text, steps, fresh, log, lora_lr=None):
     from lm.config import Config, apply_overrides, validate
     from lm.train import train
-    over = FT + RUNS[name] + [f"train.max_iters={steps}", f"train.eval_interval={steps}",
+    runs = RUNS[name] + ([f"train.learning_rate={lora_lr}"] if lora_lr and name != "full" else [])
+    over = FT + runs + [f"train.max_iters={steps}", f"train.eval_interval={steps}",
                               f"train.init_from={base_dir}", f"data.corpus={text}"]
     key = hashlib.sha256(json.dumps(over).encode()).hexdigest()[:10]
     out = os.path.join(bench_dir(), f"finetune-{name}-{key}")
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="/work/shared/data/tinyshakespeare.txt" if os.path.isfile(
         "/work/shared/data/tinyshakespeare.txt") else "shakespeare", help="the fine-tuning text")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--lora_lr", type=float, default=None, help="learning rate of the adapter runs (default 3e-3)")
     p.add_argument("--rounds", type=int, default=5, help="timed steps per variant")
     p.add_argument("--runs", default="full,lora,qlora,lora-attn")
     p.add_argument("--output_dir", default="benchmarks/results/finetune")
@@ -217,7 +219,7 @@ def main(argv=None) -> int:
             names.remove("qlora")
     res = {}
     for n in names:
-        res[n] = run(n, base_dir, text, args.steps, args.fresh, log)
+        res[n] = run(n, base_dir, text, args.steps, args.fresh, log, args.lora_lr)
         log(f"  {n}: val loss {res[n]['start_val']:.4f} -> {res[n]['val_loss']:.4f}")
     if args.train_only:
         return 0
