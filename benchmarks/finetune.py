@@ -183,6 +183,7 @@ def correctness(base_dir, lora_dir):
     return {"b0_bit_identical": bool(fresh.tobytes() == ref.tobytes()),
             "b0_max_abs_diff": float(np.abs(fresh - ref).max()),
             "merge_rel_diff": float(np.abs(a - b).max() / np.abs(a).max()),
+            "merge_rel_fro": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
             "adapter_bytes": os.path.getsize(os.path.join(lora_dir, "model", "adapter.safetensors")),
             "model_bytes": os.path.getsize(os.path.join(base_dir, "model.safetensors"))}
 
@@ -245,7 +246,8 @@ def main(argv=None) -> int:
               + "; other processes were loading the machine."]
     if chk:
         lines += ["", f"B = 0: logits bit-identical to the base: {chk['b0_bit_identical']} "
-                  f"(max |diff| {chk['b0_max_abs_diff']:.1e}); merged vs unmerged: {chk['merge_rel_diff']:.2e} relative; "
+                  f"(max |diff| {chk['b0_max_abs_diff']:.1e}); merged vs unmerged logits: max |diff| / max |logit| "
+                  f"{chk['merge_rel_diff']:.2e}, ||diff|| / ||logits|| {chk['merge_rel_fro']:.2e}; "
                   f"adapter file {chk['adapter_bytes']:,} B = {100 * chk['adapter_bytes'] / chk['model_bytes']:.2f}% "
                   f"of the model file ({chk['model_bytes']:,} B)."]
     report = "\n".join(lines)

@@ -16,7 +16,8 @@ module by its full dotted name or by its last components (``"c_proj"`` matches b
 
 Merging: ``merge()`` adds ``s * B A`` into the base weight (one product per forward again),
 ``unmerge()`` subtracts it. Unmerge restores the weight within float32 rounding, not bitwise:
-``(W + D) - D`` rounds twice (the difference is at most one ulp of ``|W| + |D|`` per element).
+``(W + D) - D`` rounds twice (each step is done in float64 and rounded once, so the difference
+is at most one ulp of ``|W| + |D|`` per element).
 A quantized base is not merged in place: its codes hold 16 levels per block, and the update
 of a fine-tuning run is mostly smaller than one level step, so ``dequantize + merge +
 requantize`` would silently lose most of what was learnt. ``merge()`` refuses with a message;
@@ -89,9 +90,17 @@ class LoRALinear(Module):
         # the scale goes on the (..., r) intermediate: the cheapest place for it
         return y + ops.linear(ops.linear(h, self.lora_A) * self.scaling, self.lora_B)
 
-    def delta_weight(self) -> np.ndarray:
-        """The update ``scaling * B A`` of shape (out, in), as an array."""
-        return (self.lora_B.data @ self.lora_A.data) * self.lora_B.data.dtype.type(self.scaling)
+    def delta_weight(self, dtype=None) -> np.ndarray:
+        """The update ``scaling * B A`` of shape (out, in), as an array (in ``dtype``, default the adapter's)."""
+        dt = np.dtype(dtype or self.lora_B.data.dtype)
+        return (self.lora_B.data.astype(dt) @ self.lora_A.data.astype(dt)) * dt.type(self.scaling)
+
+    def _add_delta(self, sign: float) -> None:
+        # W +/- D in float64, rounded once to the weight's dtype: one rounding instead of three
+        w = self.base_layer.weight
+        xp = backend.get_array_module(w.data)
+        d = self.delta_weight(np.dtype(np.float64))
+        w.data = (w.data.astype(xp.float64) + sign * d).astype(w.data.dtype)
 
     def merge(self) -> "LoRALinear":
         """Add the update into the base weight; forward then runs the base alone."""
@@ -103,14 +112,14 @@ class LoRALinear(Module):
                 "re-quantizing would round most of the update away. Merge into the float base the adapter "
                 "was trained on (lm.train --merge or python -m lm.compress --merge_lora do this), then "
                 "quantize the merged model if you want it small")
-        self.base_layer.weight.data += self.delta_weight()
+        self._add_delta(1.0)
         self.merged = True
         return self
 
     def unmerge(self) -> "LoRALinear":
         """Take the update out of the base weight again (within float rounding)."""
         if self.merged:
-            self.base_layer.weight.data -= self.delta_weight()
+            self._add_delta(-1.0)
             self.merged = False
         return self
 
