@@ -9,6 +9,10 @@ What a run writes under ``output_dir``:
   atomically, so a run killed at any moment resumes from its last save;
 - ``metrics.jsonl``: one JSON line per step (and one per evaluation);
 - ``loss.png``: the loss curves and gradient norms.
+
+Fine-tuning (``train.init_from``, the ``lora`` section, ``--merge``): see ``lm.finetune``; an
+adapter run's ``model/`` holds the adapter and a reference to its base, and its checkpoint
+holds the adapter and its optimizer state only.
 """
 from __future__ import annotations
 
