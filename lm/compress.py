@@ -7,6 +7,7 @@
     python -m lm.compress --model_dir output/model --structured heads=0.25,mlp=0.4 --data data.txt \
         --finetune_iters 200 --output_dir out/structured
     python -m lm.compress --model_dir output/model --rank 64 --finetune_iters 200 --output_dir out/rank64
+    python -m lm.compress --model_dir ft-lora/model --merge_lora --output_dir ft-merged     # a LoRA adapter run
 
 A pipeline: load the folder (``lm.loader.load_model``, any kind it knows), run the chosen
 steps in ``STEPS`` order on the model, save the new folder (it opens with the same loader,
@@ -125,6 +126,25 @@ def _run_quantize(model, ctx: Context):
     return model
 
 
+# --------------------------------------------------------------------------- merging a LoRA adapter
+def _check_merge_lora(ctx: Context) -> None:
+    if ctx.kind != "lora":
+        raise CompressError(f"--merge_lora: {ctx.model_dir} is a {ctx.kind} folder, not a LoRA adapter run "
+                            "(lm.train with train.init_from and lora.r writes one)")
+
+
+def _run_merge_lora(model, ctx: Context):
+    """The adapter merged into the float base it was trained on (lm.finetune.merge_adapter_dir)."""
+    from .finetune import merge_adapter_dir
+    merged, _, conf = merge_adapter_dir(ctx.model_dir)
+    # the result is a plain model: it no longer names a base or an adapter
+    ctx.conf = {k: v for k, v in ctx.conf.items() if k not in ("lora", "base")}
+    ctx.done.append({"name": "merge_lora", "base": conf["base"], "lora": conf["lora"]})
+    ctx.log(f"merged the r={conf['lora']['r']} adapter into {conf['base']['path']}"
+            + (f" (dequantized from {conf['lora']['quantize_base']})" if conf["lora"].get("quantize_base") else ""))
+    return merged
+
+
 # --------------------------------------------------------------------------- pruning and low rank
 # Recovery fine-tuning uses plain cross-entropy (lm.recover): distillation from the unpruned
 # teacher belongs to the distillation issue, which has not landed.
@@ -135,6 +155,9 @@ def _needs_calib(ctx: Context, what: str) -> None:
 
 
 def _float_source(ctx: Context, flag: str) -> None:
+    if ctx.kind == "lora" and not ctx.args.merge_lora:
+        raise CompressError(f"{flag} needs a plain model, and {ctx.model_dir} is a LoRA adapter run: "
+                            f"add --merge_lora (the adapter is merged into its base first)")
     if ctx.kind == "quantized":
         raise CompressError(f"{flag} needs float weights, and {ctx.model_dir} is quantized: "
                             f"start from the float model it came from")
@@ -310,6 +333,7 @@ def _run_sparse_quantize(model, ctx: Context):
 # and one Step here: merging a LoRA adapter first, then pruning and low-rank factorization,
 # and quantization last (it packs the weights that the others change).
 STEPS: list[Step] = [
+    Step("merge_lora", lambda a: a.merge_lora, _check_merge_lora, _run_merge_lora),
     Step("structured", lambda a: a.structured is not None, _check_structured, _run_structured),
     Step("factorize", lambda a: a.rank is not None or a.energy is not None, _check_factorize, _run_factorize),
     Step("prune", lambda a: a.prune is not None, _check_prune, _run_prune),
@@ -388,6 +412,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recovery fine-tune steps after pruning/factorizing (plain cross-entropy, on --data)")
     g.add_argument("--finetune_lr", type=float, default=3e-4, help="peak learning rate of the recovery fine-tune")
     g.add_argument("--finetune_batch_size", type=int, default=16, help="sequences per recovery step")
+    p.add_argument("--merge_lora", action="store_true",
+                   help="--model_dir is a LoRA adapter run: write base + adapter merged into one float model")
     r = p.add_argument_group("report")
     r.add_argument("--no_report", action="store_true", help="save only; skip the before/after measurement")
     r.add_argument("--eval_batches", type=int, default=40, help="validation batches (0: the whole split)")
@@ -416,7 +442,7 @@ def _validate(args) -> Context:
     if not steps:
         raise CompressError("nothing to do: choose a step, e.g. --quantize q8_0 (schemes: "
                             + ", ".join(quant.SCHEMES) + "), --prune wanda --sparsity 0.5, "
-                            "--structured heads=0.25,mlp=0.3 or --rank 64")
+                            "--structured heads=0.25,mlp=0.3, --rank 64 or --merge_lora")
     if args.finetune_iters < 0:
         raise CompressError(f"--finetune_iters must be >= 0, got {args.finetune_iters}")
     for n in ("eval_batches", "decode_tokens", "batch_size", "repeats", "calib_batch_size", "finetune_batch_size"):

@@ -89,6 +89,19 @@ class TrainConfig:
     sample_tokens: int = 200      # length of the sample printed at the end (0: none)
     log_memory: bool = False      # peak memory by category per step in metrics.jsonl, memory.png
     log_grad_stats: bool = False  # per-layer gradient norms and update/weight ratios, grad_flow.png
+    init_from: str = ""           # a trained model folder to fine-tune (its weights, config, tokenizer)
+
+
+@dataclass
+class LoRAConfig:
+    """Fine-tuning with adapters (needs train.init_from); see lm.finetune and minigrad.nn.lora."""
+    r: typing.Optional[int] = None   # adapter rank; None: no adapters (every weight of the base trains)
+    alpha: float = 16.0              # the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0             # dropout on the adapters' input
+    targets: typing.List[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # PEFT's target_modules
+    use_rslora: bool = False
+    quantize_base: str = ""          # "": float base (LoRA); "nf4" or "q4_0": 4-bit frozen base (QLoRA)
+    merge: bool = False              # output_dir/model: a stand-alone merged model, not adapter + base reference
 
 
 @dataclass
@@ -96,12 +109,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoRAConfig}
 
 
 def _field_types(cls) -> dict:
@@ -136,6 +150,12 @@ def _check_value(where: str, tp, value):
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif origin is list:   # a YAML list, or "a,b" on the command line
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list of names, got {value!r}")
     else:
         return value
     raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
@@ -316,6 +336,32 @@ def validate(cfg: Config) -> None:
     dev = str(t.device).lower()
     need(dev == "cpu" or dev == "cuda" or re.fullmatch(r"cuda:\d+", dev) is not None, "train.device",
          "'cpu' or 'cuda'", t.device)
+    _validate_lora(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo, t = cfg.lora, cfg.train
+    if t.init_from and not os.path.isdir(t.init_from):
+        raise ConfigError(f"train.init_from={t.init_from} is not a folder: pass the 'model' folder of a "
+                          f"finished run (it holds config.json and the weights)")
+    if lo.r is None:
+        for k in ("quantize_base", "merge"):
+            if getattr(lo, k):
+                raise ConfigError(f"lora.{k} needs adapters: set lora.r (e.g. lora.r=8)")
+        return
+    if lo.r <= 0:
+        raise ConfigError(f"lora.r must be a positive integer (e.g. 8), got {lo.r}; "
+                          "leave it unset to fine-tune every weight")
+    if not t.init_from:
+        raise ConfigError("lora.r needs train.init_from=<model folder>: adapters fine-tune a trained model")
+    if not lo.targets:
+        raise ConfigError("lora.targets is empty; name the layers to adapt, e.g. [c_attn, c_proj, c_fc]")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    if lo.alpha <= 0:
+        raise ConfigError(f"lora.alpha must be positive, got {lo.alpha}")
+    if lo.quantize_base not in ("", "nf4", "q4_0"):
+        raise ConfigError(f"lora.quantize_base must be '', 'nf4' or 'q4_0', got {lo.quantize_base!r}")
 
 
 def save_yaml(cfg: Config, path: str) -> None:

@@ -8,6 +8,7 @@ A folder is recognised by its files and its ``config.json``:
 
 | kind            | how it is recognised                                           |
 |-----------------|----------------------------------------------------------------|
+| ``lora``        | ``config.json`` with ``"lora"`` and ``"base"`` sections, ``adapter.safetensors`` (an adapter run of lm.train; see lm.finetune) |
 | ``hf-gpt2``     | ``config.json`` with ``model_type: gpt2`` (``save_pretrained``, lm.export) |
 | ``quantized``   | ``config.json`` with a ``"quantization"`` section (lm.compress) |
 | ``pruned``      | ``config.json`` with a ``"sparse"`` or ``"low_rank"`` section (lm.compress --prune/--rank/--energy) |
@@ -92,6 +93,15 @@ def _load_minigrad(model_dir: str, conf: dict, device: str):
         raise ModelDirError(f"{weights_path} does not match the model {config_path} describes ({detail})") from None
     model.eval().to(device)
     return model, load_tokenizer(os.path.join(model_dir, "tokenizer.json"))
+
+
+def _is_lora(model_dir: str, conf: dict) -> bool:
+    return "lora" in conf and "base" in conf
+
+
+def _load_lora(model_dir: str, conf: dict, device: str):
+    from .finetune import load_adapter_dir   # it loads the base through this module
+    return load_adapter_dir(model_dir, conf, device)
 
 
 QUANTIZED_FORMAT = "minigrad-gpt-quantized"
@@ -194,6 +204,7 @@ def _load_pruned(model_dir: str, conf: dict, device: str):
 
 
 KINDS: list[tuple[str, object, object]] = [
+    ("lora", _is_lora, _load_lora),
     ("hf-gpt2", hf.is_hf_gpt2, hf.load_hf_gpt2),
     ("quantized", _is_quantized, _load_quantized),
     ("pruned", _is_pruned, _load_pruned),

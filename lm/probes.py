@@ -2,8 +2,9 @@
 
 ``train.log_memory``: a ``minigrad.memory.MemoryTracker`` follows every step; the metrics
 line gets ``peak_mb`` and the bytes of each category at that peak (``mem_parameters``,
-``mem_gradients``, ``mem_optimizer``, ``mem_activations``, ``mem_other``); ``memory.png``
-shows the last step's timeline.
+``mem_gradients``, ``mem_optimizer``, ``mem_activations``, ``mem_other``) and parameters, gradients and optimizer
+state split into trainable and frozen (``mem_parameters_trainable``, ``mem_parameters_frozen``, ...);
+``memory.png`` shows the last step's timeline (frozen weights drawn apart).
 
 ``train.log_grad_stats``: every ``log_interval`` steps (and the first), per-layer gradient
 norms (after backward, before clipping) and update/weight ratios
@@ -60,6 +61,8 @@ class StepProbe:
             s = self.mem.summary()
             out["peak_mb"] = round(s["peak_mb"], 3)
             out.update({f"mem_{c}": s["at_peak"][c] for c in CATEGORIES})
+            # parameters, gradients and optimizer state split by requires_grad (what LoRA saves)
+            out.update({f"mem_{c}_{side}": v for c, d in s["split"].items() for side, v in d.items()})
         if self._due:
             rec = self.grads.record(step)
             out["layer_grad_norm"] = rec["grad_norm"]

@@ -15,14 +15,21 @@ Rules of the command line (``main``), checked before any folder is created or an
 - every value is validated (``lm.config.validate``), the corpus is read and the device found;
 - an ``--output_dir`` that already holds a run is refused unless ``--resume`` (continue it) or
   ``--overwrite`` (delete that run's files, start again) is given;
-- ``--resume`` continues with the model and data settings saved in the checkpoint: values of
-  those sections given again on the command line or in ``--config`` that differ from the
-  checkpoint's are refused, naming each; training settings (``--max_iters``, the learning
-  rate...) may change;
+- ``--resume`` continues with the model, data and lora settings and the ``train.init_from`` saved
+  in the checkpoint: values of those given again on the command line or in ``--config`` that
+  differ from the checkpoint's are refused, naming each; training settings (``--max_iters``, the
+  learning rate...) and ``lora.merge`` may change. In a fine-tuning run the model section (all
+  but ``model.dropout``) and ``data.tokenizer`` are the base's, not the user's;
+- ``train.init_from`` is loaded and checked (its tokenizer covers the text, ``lora.targets``
+  name layers it has, ``lora.quantize_base`` packs it) before the folder is created too;
 - temporary files left by a save that was killed (``.checkpoint.safetensors.*.tmp``) are deleted;
 - on resume, ``metrics.jsonl`` is cut back to the checkpoint's step (the steps after it are run
   again), and ``summary.json``'s ``wall_s`` counts every part of the run, killed ones included;
 - Ctrl-C says at which step the last save was and prints the command that continues the run.
+
+Fine-tuning (``train.init_from``, the ``lora`` section, ``--merge``): see ``lm.finetune``; an
+adapter run's ``model/`` holds the adapter and a reference to its base, and its checkpoint
+holds the adapter and its optimizer state only.
 """
 from __future__ import annotations
 
@@ -42,10 +49,12 @@ import numpy as np
 import minigrad as mg
 from minigrad import backend
 from minigrad.io import atomic_write_text, load_file, load_metadata, save_file
+from minigrad.nn.lora import has_lora, load_lora_state_dict, lora_state_dict
 
 from .cli import ToolError, add_debug_flag, run_tool
 from .config import Config, ConfigError, ModelConfig, apply_overrides, keys_set_by, load_config, validate
 from .data import get_batch, prepare_data
+from .finetune import ADAPTER, load_base, prepare_model, save_adapter_dir
 from .model import GPT
 from .probes import StepProbe
 
@@ -54,7 +63,7 @@ CHECKPOINT = "checkpoint.safetensors"
 
 # what a run writes into output_dir (and, for "model", into output_dir/model): --overwrite deletes these
 RUN_FILES = (CHECKPOINT, "metrics.jsonl", "summary.json", "loss.png", "memory.png", "grad_flow.png")
-MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+MODEL_FILES = ("model.safetensors", ADAPTER, "config.json", "tokenizer.json")
 # minigrad.io.atomic_write's temporary names: ".<target>.<random>.tmp"
 _TMP_RE = re.compile(r"^\.(?P<target>[^/]+)\.[A-Za-z0-9_]{4,}\.tmp$")
 
@@ -85,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (overrides train.device)")
     p.add_argument("--max_iters", type=int, default=None, help="overrides train.max_iters")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--init_from", default=None, help="a trained model folder to fine-tune (sets train.init_from)")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: output_dir/model is a merged stand-alone "
+                                                       "model instead of the adapter (sets lora.merge)")
     from .knn import add_memory_args
     add_memory_args(p, writable=False)   # --memory STORE: evaluations also report val loss with the memory
     add_debug_flag(p)
@@ -111,6 +123,10 @@ def resolve_config(args) -> Config:
         cfg.train.max_iters = args.max_iters
     if args.no_progress:
         cfg.train.progress = False
+    if args.init_from is not None:
+        cfg.train.init_from = args.init_from
+    if args.merge:
+        cfg.lora.merge = True
     validate(cfg)
     return cfg
 
@@ -128,7 +144,8 @@ def _rng_from_json(s: str) -> np.random.Generator:
 
 
 def save_checkpoint(path: str, model: GPT, opt, step: int, batch_rng, best_val: float, cfg: Config) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    # an adapter run saves the adapter only: the frozen base is reloaded from train.init_from
+    tensors = {f"model.{k}": v for k, v in (lora_state_dict(model) if has_lora(model) else model.state_dict()).items()}
     sd = opt.state_dict()
     scalars = {}
     for name, st in sd["state"].items():
@@ -146,6 +163,7 @@ def save_checkpoint(path: str, model: GPT, opt, step: int, batch_rng, best_val: 
         "optim_groups": json.dumps(sd["param_groups"]),
         "optim_step_count": str(sd["step_count"]),
         "config": json.dumps(cfg.to_dict()),
+        **({"init_from": json.dumps(model.init_from)} if hasattr(model, "init_from") else {}),
     }
     save_file(tensors, path, meta)
 
@@ -171,11 +189,18 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
 def load_checkpoint(path: str, model: GPT, opt, arrays: dict | None = None, meta: dict | None = None):
     if arrays is None or meta is None:
         arrays, meta = read_checkpoint(path)
-    try:
-        model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
-    except KeyError as e:   # StateDictError: another architecture's weights
-        raise ToolError(f"--resume: the weights in {path} do not fit the model its config describes "
-                        f"({str(e).splitlines()[-1].strip()})") from None
+    weights = {k[6:]: v for k, v in arrays.items() if k.startswith("model.")}
+    if has_lora(model):   # the base was reloaded from train.init_from: it must be the one the run started on
+        if "init_from" in meta and json.loads(meta["init_from"])["sha256"] != model.init_from["sha256"]:
+            raise ConfigError(f"--resume: the base model {model.init_from['path']} has changed since this run "
+                              f"started; restore it, or start the fine-tuning again without --resume")
+        load_lora_state_dict(model, weights, where=path)
+    else:
+        try:
+            model.load_state_dict(weights)
+        except KeyError as e:   # StateDictError: another architecture's weights
+            raise ToolError(f"--resume: the weights in {path} do not fit the model its config describes "
+                            f"({str(e).splitlines()[-1].strip()})") from None
     scalars = json.loads(meta["optim_scalars"])
     state: dict = {}
     for k, v in arrays.items():
@@ -193,12 +218,18 @@ def load_checkpoint(path: str, model: GPT, opt, arrays: dict | None = None, meta
 
 def save_model_dir(model_dir: str, model: GPT, tokenizer, cfg: Config, extra: dict | None = None) -> None:
     """Weights, model config and tokenizer: everything generation needs."""
+    if has_lora(model):   # the adapter and a reference to its base (lm.finetune)
+        return save_adapter_dir(model_dir, model, tokenizer, cfg, extra)
     os.makedirs(model_dir, exist_ok=True)
     save_file(model.state_dict(), os.path.join(model_dir, "model.safetensors"),
               {"format": "minigrad-gpt", **({k: json.dumps(v) for k, v in (extra or {}).items()})})
     atomic_write_text(os.path.join(model_dir, "config.json"),
                       json.dumps({"model": asdict(cfg.model), "data": asdict(cfg.data)}, indent=2))
     tokenizer.save(os.path.join(model_dir, "tokenizer.json"))
+    # an adapter of an earlier save (a resumed run that now merges) would be a second model here
+    stale = os.path.join(model_dir, ADAPTER)
+    if os.path.exists(stale):
+        os.remove(stale)
 
 
 # --------------------------------------------------------------------------- the output folder
@@ -275,19 +306,33 @@ def remove_stale_tmp(output_dir: str, log=print) -> int:
 
 
 def resume_settings(cfg: Config, saved: dict, given: set, ckpt_path: str, log=print) -> None:
-    """Take the checkpoint's model and data settings; refuse values given now that differ from them.
+    """Take the checkpoint's model, data and lora settings and its ``train.init_from``; refuse
+    values given now that differ from them.
 
-    ``given``: the ``section.key`` names set on the command line or in the config file.
+    ``given``: the ``section.key`` names set on the command line or in the config file. In a
+    fine-tuning run (``train.init_from``) the model section, but ``model.dropout``, and
+    ``data.tokenizer`` are set by the base (``lm.finetune.load_base``), not by the user: values
+    given for them are overridden on every run, so they are not compared here either.
+    ``lora.merge`` (how ``model/`` is written) may change: given now, it wins; else the
+    checkpoint's is kept.
     """
+    saved_train = saved.get("train", {})
+    if cfg.train.init_from or saved_train.get("init_from"):
+        given = {k for k in given if not ((k.startswith("model.") and k != "model.dropout") or k == "data.tokenizer")}
     conflicts, taken = [], []
-    for section in ("model", "data"):
-        current, old = getattr(cfg, section), saved.get(section, {})
+    sections = [(s, getattr(cfg, s), saved.get(s, {})) for s in ("model", "data", "lora")]
+    sections.append(("train", cfg.train, {"init_from": saved_train.get("init_from", "")}))
+    for section, current, old in sections:
         for k, v in old.items():
             if not hasattr(current, k) or k == "cache_dir":   # a cache location may move
                 continue
             now = getattr(current, k)
             if section == "model" and k == "vocab_size" and now == 0:   # 0: "from the tokenizer"
                 now = v
+            if (section, k) == ("train", "init_from") and now and v and os.path.abspath(now) == os.path.abspath(v):
+                now = v
+            if (section, k) == ("lora", "merge") and "lora.merge" in given:
+                continue
             if now == v:
                 continue
             if f"{section}.{k}" in given:
@@ -413,9 +458,11 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
         resume_settings(cfg, json.loads(ckpt[1]["config"]), given or set(), ckpt_path, log)
         validate(cfg)
 
+    # fine-tuning (lm.finetune): the base's model settings and tokenizer; a bad base or text fails here
+    base = load_base(cfg, log) if cfg.train.init_from else None
     data = prepare_data(cfg.data.corpus, tokenizer_kind=cfg.data.tokenizer, vocab_size=cfg.data.vocab_size,
                         val_fraction=cfg.data.val_fraction, cache_dir=cfg.data.cache_dir,
-                        text_field=cfg.data.text_field)
+                        text_field=cfg.data.text_field, tokenizer=base.tokenizer if base else None)
     try:
         data.check_block_size(m_cfg.block_size)
     except ValueError as e:
@@ -425,6 +472,10 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     elif m_cfg.vocab_size < data.tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size {m_cfg.vocab_size} is smaller than the tokenizer's "
                           f"{data.tokenizer.vocab_size}")
+    model = None
+    if base is not None:   # adapters (lora.targets) and a quantized base are checked before the folder exists
+        mg.manual_seed(t_cfg.seed)
+        model = prepare_model(base, cfg, log)
 
     # checked: now the folder may be made (and is removed again if nothing gets saved)
     if overwrite and not resume and os.path.isdir(output_dir):
@@ -438,7 +489,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     saved = {"step": None}
     try:
         return _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir,
-                      metrics_path, memory)
+                      metrics_path, memory, model)
     except BaseException as e:
         if created and saved["step"] is None:
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -448,12 +499,13 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
 
 
 def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir, metrics_path,
-           memory=None):
+           memory=None, model=None):
     t_cfg, m_cfg = cfg.train, cfg.model
     resume = ckpt is not None
     remove_stale_tmp(output_dir, log)
-    mg.manual_seed(t_cfg.seed)
-    model = GPT(m_cfg)
+    if model is None:   # a fine-tuning run's model comes prepared (train: prepare_model)
+        mg.manual_seed(t_cfg.seed)
+        model = GPT(m_cfg)
     if dtype != np.float32:
         model.to(dtype=dtype)
     model.to(t_cfg.device)
@@ -665,6 +717,10 @@ def main(argv=None) -> int:
         given = keys_set_by(args.config, args.overrides)
         if args.data is not None:
             given.add("data.corpus")
+        if args.init_from is not None:
+            given.add("train.init_from")
+        if args.merge:
+            given.add("lora.merge")
         train(cfg, args.output_dir, resume=args.resume, given=given, overwrite=args.overwrite,
               memory=memory)
 

@@ -15,7 +15,8 @@
 
 Categories (each buffer counted once, in the first category that holds it):
 
-- ``parameters``: the arrays of the model's parameters;
+- ``parameters``: the arrays of the model's parameters (and its persistent buffers: packed
+  quantized weights are weights);
 - ``gradients``: their ``.grad`` arrays, and the parameter gradients a backward pass is
   still accumulating;
 - ``optimizer``: the arrays in ``optimizer.state`` (AdamW: two per parameter);
@@ -83,6 +84,42 @@ def _roots(arrays) -> dict:
     return out
 
 
+SPLIT = ("parameters", "gradients", "optimizer")   # the categories that split into trainable / frozen
+
+
+def weight_buffers(model) -> list:
+    """The persistent buffers of a model (packed quantized weights): weights that are not Parameters."""
+    return [b for _, m, n, b in model.named_buffers() if n not in m._non_persistent and hasattr(b, "nbytes")]
+
+
+def static_memory(model=None, optimizer=None, *, params=None) -> dict:
+    """Bytes of parameters, gradients and optimizer state, each split by ``requires_grad``.
+
+    ``{"parameters": {"trainable": b, "frozen": b}, "gradients": {...}, "optimizer": {...}}``:
+    the saving of LoRA (or of any freezing) in numbers. A buffer is counted once; optimizer
+    state belongs to the side of the parameter it was kept for. A model's persistent buffers
+    (a QuantLinear's packed codes and scales: QLoRA's base) are frozen weights.
+    """
+    if params is None:
+        params = model.parameters() if model is not None else \
+            (p for _, _, p in optimizer.named_params()) if optimizer is not None else ()
+    params = list({id(p): p for p in params}.values())
+    out = {c: {"trainable": 0, "frozen": 0} for c in SPLIT}
+    for side, flag in (("trainable", True), ("frozen", False)):
+        ps = [p for p in params if bool(p.requires_grad) == flag]
+        extra = weight_buffers(model) if (model is not None and not flag) else []
+        out["parameters"][side] = unique_nbytes([p.data for p in ps] + extra)
+        out["gradients"][side] = unique_nbytes(p.grad.data for p in ps if p.grad is not None)
+    if optimizer is not None:
+        by_name = {n: p for _, n, p in optimizer.named_params()}
+        for side, flag in (("trainable", True), ("frozen", False)):
+            arrays = [v for n, st in optimizer.state.items()
+                      if n in by_name and bool(by_name[n].requires_grad) == flag
+                      for v in st.values() if hasattr(v, "nbytes") and getattr(v, "ndim", 0) > 0]
+            out["optimizer"][side] = unique_nbytes(arrays)
+    return out
+
+
 class MemoryTracker(Observer):
     """Live memory accounting by category over a training step; see the module docstring.
 
@@ -101,6 +138,7 @@ class MemoryTracker(Observer):
             else:
                 params = ()
         self._params = list({id(p): p for p in params}.values())
+        self._model = model   # its buffers (packed weights) count as parameters
         self.optimizer = optimizer
         self.record_timeline = timeline
         self._bufs: dict = {}        # id(root) -> [root, nbytes, n_act, n_other]
@@ -110,6 +148,7 @@ class MemoryTracker(Observer):
         self._inflight: dict = {}    # id(pending) of a running backward -> (grad bytes, other bytes)
         self._leaf_cache: dict = {}  # id(leaves) -> (len, bytes)
         self._static = {"parameters": 0, "gradients": 0, "optimizer": 0}
+        self._split = {c: {"trainable": 0, "frozen": 0} for c in SPLIT}
         self._param_roots: set = set()
         self._grad_roots: set = set()
         self._version = 0            # bumped when the static categories are re-counted
@@ -168,7 +207,8 @@ class MemoryTracker(Observer):
     def summary(self) -> dict:
         """``peak_bytes``, ``peak_mb``, the phase of the peak, each category at the peak and its maximum."""
         out = {"peak_bytes": self.peak_bytes, "peak_mb": self.peak_bytes / _MiB, "peak_label": self.peak_label,
-               "at_peak": dict(self.peak), "max": dict(self.max_bytes)}
+               "at_peak": dict(self.peak), "max": dict(self.max_bytes),
+               "split": {c: dict(v) for c, v in self._split.items()}}
         if self._gpu:
             used, held = backend.memory_pool_bytes()
             out["pool_used_bytes"], out["pool_held_bytes"] = used, held
@@ -180,12 +220,17 @@ class MemoryTracker(Observer):
         if not self.timeline:
             raise ValueError("MemoryTracker.plot: the timeline is empty (was the tracker started, "
                              "with timeline=True?)")
-        return viz.plot_memory_timeline(self.timeline, categories=CATEGORIES, ax=ax, path=path,
-                                        title=title, **kw)
+        rows, cats = self.timeline, CATEGORIES
+        frozen = self._split["parameters"]["frozen"]
+        if frozen:   # LoRA, a teacher: draw the frozen weights apart from the trained ones
+            cats = ("frozen parameters", "trainable parameters") + CATEGORIES[1:]
+            rows = [dict(r, **{"frozen parameters": min(frozen, r["parameters"]),
+                               "trainable parameters": max(0, r["parameters"] - frozen)}) for r in rows]
+        return viz.plot_memory_timeline(rows, categories=cats, ax=ax, path=path, title=title, **kw)
 
     # ------------------------------------------------------------------ counting
     def _refresh_static(self) -> None:
-        params = [p.data for p in self._params]
+        params = [p.data for p in self._params] + (weight_buffers(self._model) if self._model is not None else [])
         self._param_roots = set(_roots(params))
         grads = [p.grad.data for p in self._params if p.grad is not None]
         self._grad_roots = set(_roots(grads))
@@ -196,6 +241,7 @@ class MemoryTracker(Observer):
                 opt.extend(v for v in st.values() if hasattr(v, "nbytes") and getattr(v, "ndim", 0) > 0)
         self._static = {"parameters": unique_nbytes(params), "gradients": unique_nbytes(grads),
                         "optimizer": unique_nbytes(opt)}
+        self._split = static_memory(self._model, self.optimizer, params=self._params)
 
     def _row(self) -> dict:
         g_fly = sum(v[0] for v in self._inflight.values())
