@@ -27,7 +27,7 @@ Parts (``--parts``, comma separated):
   ``lm.loader`` in a fresh process that generates ``--new_tokens`` tokens: the bytes the model
   holds (weights, scales, float parameters, KV cache sized for the generation, the step's
   largest activations), counted with ``minigrad.memory.unique_nbytes``, and the process's
-  peak resident memory (``ru_maxrss``).
+  peak resident memory (``VmHWM``).
 
 Writes ``quantization.json`` and ``quantization.md`` under ``--out`` and prints the tables.
 The machines these run on are shared: the timings are ratios within one run.
@@ -247,13 +247,26 @@ def speed_table(sp: dict, bw: float) -> str:
 
 
 # --------------------------------------------------------------------------- memory
+def _vm_hwm() -> int:
+    """Peak resident bytes of this process image (VmHWM; ru_maxrss would carry the parent's
+    peak across fork + exec on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child_memory(model_dir: str, new_tokens: int) -> None:
     """In a fresh process: load, generate, print what the model held and the peak RSS (JSON)."""
     from lm.loader import load_model
     from lm.model import KVCache
     from minigrad.memory import unique_nbytes
     model, _ = load_model(model_dir)
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_loaded = _vm_hwm()
     cache = KVCache(model.config.n_layer, capacity=1 + new_tokens)   # sized for the generation
     ids = np.array([[1]])
     biggest = 0
@@ -266,7 +279,7 @@ def _child_memory(model_dir: str, new_tokens: int) -> None:
     kv = unique_nbytes([b for b in cache._kbuf + cache._vbuf if b is not None])
     print(json.dumps({"weights": rep["codes"], "scales": rep["scales"], "float": rep["float"],
                       "model": unique_nbytes(model.state_dict().values()), "kv_cache": kv, "activations": biggest,
-                      "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "rss_peak": _vm_hwm(),
                       "rss_after_load": rss_loaded, "head_bytes": rep["by_module"].get("lm_head", {}).get("bytes")}))
 
 

@@ -15,9 +15,16 @@ column is reached* (error feedback included), the codes are q = trunc(w / d + 8.
 to 0..15, and the value that feeds the error is the stored one, (q - 8) * float16(d). So a
 GPTQ layer runs on the q4_0 kernels and exports to GGUF as Q4_0.
 
-The Hessians come from ``minigrad.calib.collect`` (forward hooks on the float model, one
-pass over the calibration batches), and ``damp`` (1% of the mean diagonal) keeps H
+Each block's scale is searched (``group_scale``): among fractions of q4_0's d, the one that
+rounds the block with the least Hessian-weighted error (a little clipping of the largest value
+buys finer steps for the rest). The Hessians come from ``minigrad.calib.collect`` (forward
+hooks): by default layer by layer in the order the model runs them, each from a pass through
+the model whose earlier layers are already quantized (GPTQ's order), or from one pass over
+the float model (``sequential=False``). ``damp`` (1% of the mean diagonal) keeps H
 invertible; input channels that never fired get a unit diagonal and zero weights.
+
+Measured on the char-level reference model (benchmarks/quantization.py): sequential GPTQ has
+KL 0.0042 against round-to-nearest q4_0's 0.0101; the one-pass variant 0.0050.
 """
 from __future__ import annotations
 
