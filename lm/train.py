@@ -158,11 +158,13 @@ def _dev(a, cfg):
 
 
 # --------------------------------------------------------------------------- training
-def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callback=None) -> dict:
+def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callback=None, on_eval=None) -> dict:
     """Run training; returns a summary dict (losses, steps, timings).
 
     ``callback(step, loss)``, if given, is called after every optimizer step (notebooks
-    use it for live plots; tests use it to interrupt a run).
+    use it for live plots; tests use it to interrupt a run). ``on_eval(step, losses)`` is
+    called after every evaluation (``losses``: {"train", "val"}); ``lm.search`` reports
+    them to its pruner there, and an exception it raises ends the run.
     """
     t_cfg, m_cfg = cfg.train, cfg.model
     backend.keep_freed_memory()   # reuse freed arrays' memory: about 25% faster steps (see backend)
@@ -250,6 +252,8 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
                     save_model_dir(model_dir, model, data.tokenizer, cfg, {"step": step, "val_loss": best_val})
                 if step > 0 or not resume:
                     checkpoint(step)
+                if on_eval is not None:
+                    on_eval(step, losses)
             if is_last:
                 break
             t0 = time.perf_counter()
