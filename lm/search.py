@@ -26,6 +26,7 @@ import argparse
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 
@@ -133,12 +134,11 @@ def make_sampler(search_type: str, sc: SearchConfig, seed: int):
                                       multivariate=sc.sampler.get("multivariate", False))
 
 
-def make_pruner(search_type: str, sc: SearchConfig):
-    """The config's pruner for ``optuna``; random and grid train every trial to its budget, so
-    the three types compare like with like."""
+def make_pruner(sc: SearchConfig):
+    """The config's pruner, for every search type (without Optuna there is none)."""
     import optuna
     kw = {k: v for k, v in sc.pruner.items() if k != "type"}
-    kind = sc.pruner["type"] if search_type == "optuna" else "none"
+    kind = sc.pruner["type"]
     if kind == "median":
         return optuna.pruners.MedianPruner(**kw)
     if kind == "successive_halving":
@@ -156,7 +156,7 @@ def open_study(url: str, name: str, sc: SearchConfig, search_type: str, seed: in
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
     storage = st.open_storage(url)
     kw = dict(study_name=name, storage=storage, sampler=make_sampler(search_type, sc, seed),
-              pruner=make_pruner(search_type, sc))
+              pruner=make_pruner(sc))
     if create:
         study = optuna.create_study(direction=sc.direction, load_if_exists=True, **kw)
         desc = {"search": sc.to_dict(), "search_type": search_type}
@@ -204,6 +204,7 @@ def run_trial(trial, sc: SearchConfig, output_dir: str, pruned_exc) -> float:
         shutil.rmtree(tdir)
     os.makedirs(tdir)
     last = {"step": 0}
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
 
     def on_step(step, loss):
         last["step"] = step
@@ -393,7 +394,8 @@ def search(args, sc: SearchConfig, optuna_ok: bool, n_trials: int, log=print) ->
     else:
         study = st.LocalStudy(url)
         records = lambda: st.records_from_local(study)  # noqa: E731
-        log(f"search without Optuna in {url}: {study.n_done()} of {n_trials} trials there")
+        log(f"search without Optuna in {url}: {study.n_done()} of {n_trials} trials there"
+            + ("" if sc.pruner["type"] == "none" else "; pruning needs Optuna, so every trial runs its budget"))
     bar.update(records())
     try:
         if optuna_ok and args.n_workers > 1:
@@ -415,7 +417,8 @@ def search(args, sc: SearchConfig, optuna_ok: bool, n_trials: int, log=print) ->
                             study=study if optuna_ok else None)
     summary["interrupted"] = interrupted
     if interrupted:
-        log(f"interrupted: {summary['n_finished']} finished trial(s) kept in {st.describe(url)}; "
+        log(f"interrupted: {summary['n_complete']} complete, {summary['n_pruned']} pruned, {summary['n_failed']}"
+            f" failed trial(s) kept in {st.describe(url)}; "
             f"continue with the same command and --resume")
     return summary
 

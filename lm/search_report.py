@@ -204,12 +204,15 @@ def write_results(records: list[dict], sc: SearchConfig, output_dir: str, search
                   storage: str = "", study=None, baseline: list[tuple[str, str]] | None = None,
                   log=print) -> dict:
     """Write every result file; returns a summary (counts, compute, best trial or why there is none)."""
-    counts = {s: sum(r["state"] == s for r in records) for s in STATES}
-    finished = sum(counts.values())
+    # a trial stopped by Ctrl-C or a killed worker is no result: it runs again on --resume
+    real = [r for r in records if r["state"] in STATES and not (r["state"] == "FAIL" and r.get("error") == "interrupted")]
+    counts = {s: sum(r["state"] == s for r in real) for s in STATES}
+    finished = len(real)
     budget = sc.budget.get("max_iters", sc.base.train.max_iters)
-    steps_run = sum(r.get("steps") or 0 for r in records if r["state"] in STATES)
+    steps_run = sum(r.get("steps") or 0 for r in real)
     best = _best(records, sc.direction)
-    summary = {"n_trials": len(records), "n_finished": finished, "n_complete": counts["COMPLETE"],
+    summary = {"n_trials": len(records), "n_finished": finished, "n_interrupted": sum(
+               r["state"] == "FAIL" and r.get("error") == "interrupted" for r in records), "n_complete": counts["COMPLETE"],
                "n_pruned": counts["PRUNED"], "n_failed": counts["FAIL"],
                "pruned_fraction": counts["PRUNED"] / finished if finished else 0.0,
                "steps_run": steps_run, "steps_no_pruning": finished * budget,
@@ -244,7 +247,8 @@ def report_md(records, sc: SearchConfig, s: dict, search_type: str, storage: str
     lines = [f"# lm.search report", "",
              f"- search: {search_type}, objective {sc.metric} ({sc.direction}), storage `{storage}`",
              f"- trials: {s['n_finished']} finished: {s['n_complete']} complete, {s['n_pruned']} pruned "
-             f"({100 * s['pruned_fraction']:.0f}%), {s['n_failed']} failed",
+             f"({100 * s['pruned_fraction']:.0f}%), {s['n_failed']} failed"
+             + (f" ({s['n_interrupted']} more interrupted)" if s.get("n_interrupted") else ""),
              f"- compute: {s['steps_run']:,} training steps run of {s['steps_no_pruning']:,} that the same trials "
              f"would run without pruning ({100 * s['compute_fraction']:.0f}%)", ""]
     best = s["best"]

@@ -97,7 +97,7 @@ def record_from_frozen(t) -> dict:
     return {"number": t.number, "state": state,
             "value": t.value if state == "COMPLETE" else None,
             "params": dict(t.params), "duration_s": t.duration.total_seconds() if t.duration else None,
-            "steps": t.user_attrs.get("steps"),
+            "steps": t.user_attrs.get("steps"), "worker": t.user_attrs.get("worker"),
             "intermediate": {int(k): float(v) for k, v in sorted(t.intermediate_values.items())},
             "error": t.user_attrs.get("error") or ("interrupted" if state == "FAIL" else None)}
 
@@ -159,7 +159,7 @@ class LocalStudy:
     def add(self, trial: LocalTrial, state: str, value, t0: float, error: str | None = None) -> dict:
         rec = {"number": trial.number, "state": state, "value": value if state == "COMPLETE" else None,
                "params": trial.params, "duration_s": time.time() - t0, "steps": trial.user_attrs.get("steps"),
-               "intermediate": trial.intermediate_values, "error": error}
+               "worker": trial.user_attrs.get("worker"), "intermediate": trial.intermediate_values, "error": error}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
