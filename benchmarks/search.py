@@ -172,7 +172,7 @@ def final_runs(jobs: list[dict], log) -> list[dict]:
     if todo:
         names = ", ".join(f"{j['name']}/s{j['seed']}" for j in todo)
         log(f"full-length runs: {len(todo)} to train ({names})")
-        with mp.get_context("spawn").Pool(2) as pool:
+        with mp.get_context("spawn").Pool(min(3, len(todo))) as pool:
             for r in pool.imap_unordered(_final_run, todo):
                 log(f"  {r['name']} seed {r['seed']}: val {r['val']:.4f} (200 batches), {r['wall_s']:.0f} s")
     return [load_json(j["out"] + ".json") for j in jobs]
@@ -306,11 +306,19 @@ def main(argv=None) -> int:
         if "final" in phases or all(load_json(j["out"] + ".json") for j in fin):
             la0 = load_state(cache)
             os.makedirs(os.path.join(cache, "final"), exist_ok=True)
-            first = final_runs(fin, log)
+            if len(fin) == 1:   # no finalists to choose between: its three seeds side by side
+                more = [{**fin[0], "seed": sd, "out": os.path.join(cache, "final", f"{fin[0]['name']}-s{sd}")}
+                        for sd in FINAL_SEEDS[1:]]
+                first, rest = final_runs(fin + more, log)[:1], final_runs(more, log)
+            else:
+                first = final_runs(fin, log)
+                rest = None
             best = min(first, key=lambda r: r["val"])
-            more = [{**j, "seed": sd, "out": os.path.join(cache, "final", f"{best['name']}-s{sd}")}
-                    for j in fin if j["name"] == best["name"] for sd in FINAL_SEEDS[1:]]
-            best_runs = [best] + final_runs(more, log)
+            if rest is None:
+                more = [{**j, "seed": sd, "out": os.path.join(cache, "final", f"{best['name']}-s{sd}")}
+                        for j in fin if j["name"] == best["name"] for sd in FINAL_SEEDS[1:]]
+                rest = final_runs(more, log)
+            best_runs = [best] + rest
             default_runs = final_runs(default, log)
             res["final"] = {"finalists": first, "best": best_runs, "default": default_runs,
                             "best_mean": float(np.mean([r["val"] for r in best_runs])),

@@ -462,4 +462,4 @@ def test_plots_draw_the_records(tmp_path):
     s = sr.write_results(recs, sc, str(tmp_path), log=lambda m: None)
     assert s["n_pruned"] == 1 and s["steps_run"] == 21 and s["steps_no_pruning"] == 24
     assert s["best"]["number"] == 3
-    assert "| 3 | 0.008 |" in open(tmp_path / "report.md").read()
+    assert "| 3 | 0.95 | 0.008 | 2 | 1.5000 |" in open(tmp_path / "report.md").read()
