@@ -319,7 +319,11 @@ def main(argv=None) -> int:
                         for j in fin if j["name"] == best["name"] for sd in FINAL_SEEDS[1:]]
                 rest = final_runs(more, log)
             best_runs = [best] + rest
-            default_runs = final_runs(default, log)
+            default_runs = final_runs(default, log) if "default" in phases else \
+                [load_json(j["out"] + ".json") for j in default]
+            if None in default_runs:   # another invocation (--phases default) is still training them
+                log("the default config's runs are not all done yet; rerun for the report when they are")
+                return 0
             res["final"] = {"finalists": first, "best": best_runs, "default": default_runs,
                             "best_mean": float(np.mean([r["val"] for r in best_runs])),
                             "default_mean": float(np.mean([r["val"] for r in default_runs])),

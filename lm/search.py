@@ -154,7 +154,13 @@ def open_study(url: str, name: str, sc: SearchConfig, search_type: str, seed: in
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)   # our bar and one line per failed trial instead
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-    storage = st.open_storage(url)
+    try:
+        storage = st.open_storage(url)
+    except ImportError as e:
+        raise SearchError(str(e)) from None
+    except Exception as e:   # a server that does not answer, a wrong password, a bad URL
+        raise SearchError(f"cannot open the storage {st.describe(url)}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
     kw = dict(study_name=name, storage=storage, sampler=make_sampler(search_type, sc, seed),
               pruner=make_pruner(sc))
     if create:
@@ -378,17 +384,18 @@ class _Bar:
 
 def search(args, sc: SearchConfig, optuna_ok: bool, n_trials: int, log=print) -> dict:
     from .search_report import write_results
-    os.makedirs(args.output_dir, exist_ok=True)
     url = args.storage or default_storage(args.output_dir, args.search_type, optuna_ok)
+    if args.storage is None:
+        os.makedirs(args.output_dir, exist_ok=True)   # the default storage lives there
     deadline = time.time() + args.timeout if args.timeout else None
-    bar = _Bar(n_trials, not args.no_progress, sc.direction)
     interrupted = False
     if optuna_ok:
         study = open_study(url, args.study_name, sc, args.search_type, args.seed, create=True)
+        os.makedirs(args.output_dir, exist_ok=True)
         if args.resume:
             n = requeue_interrupted(study)
             if n:
-                bar.write(f"resume: {n} interrupted trial(s) queued again")
+                print(f"resume: {n} interrupted trial(s) queued again", file=sys.stderr)
         records = lambda: [st.record_from_frozen(t) for t in study.get_trials(deepcopy=False)]  # noqa: E731
         log(f"study '{args.study_name}' in {st.describe(url)}: {n_counted(study)} of {n_trials} trials there")
     else:
@@ -396,6 +403,7 @@ def search(args, sc: SearchConfig, optuna_ok: bool, n_trials: int, log=print) ->
         records = lambda: st.records_from_local(study)  # noqa: E731
         log(f"search without Optuna in {url}: {study.n_done()} of {n_trials} trials there"
             + ("" if sc.pruner["type"] == "none" else "; pruning needs Optuna, so every trial runs its budget"))
+    bar = _Bar(n_trials, not args.no_progress, sc.direction)
     bar.update(records())
     try:
         if optuna_ok and args.n_workers > 1:

@@ -39,7 +39,8 @@ def describe(url: str) -> str:
     if "://" in url and "@" in url.split("://", 1)[1]:
         scheme, rest = url.split("://", 1)
         cred, host = rest.rsplit("@", 1)
-        return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
+        if ":" in cred:
+            return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
     return url
 
 
@@ -67,6 +68,27 @@ def _sqlite_write_lock_on_begin(engine) -> None:
     engine.dispose()   # connections opened before the listeners existed are dropped
 
 
+DRIVERS = {"postgresql": (("psycopg", "psycopg"), ("psycopg2", "psycopg2"), ("pg8000", "pg8000")),
+           "mysql": (("MySQLdb", "mysqldb"), ("pymysql", "pymysql"), ("mysql.connector", "mysqlconnector"))}
+INSTALL = {"postgresql": "pip install 'psycopg[binary]' (or psycopg2-binary)", "mysql": "pip install pymysql"}
+
+
+def with_driver(url: str) -> str:
+    """``postgresql://`` / ``mysql://`` with the first driver that is installed
+    (``postgresql+psycopg2://...``); SQLAlchemy alone would insist on one of them."""
+    import importlib.util
+    scheme = url.split("://", 1)[0]
+    if scheme not in DRIVERS:
+        return url
+    for module, name in DRIVERS[scheme]:
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return f"{scheme}+{name}://" + url.split("://", 1)[1]
+        except (ImportError, ValueError):
+            continue
+    raise ImportError(f"a {scheme}:// storage needs a database driver: {INSTALL[scheme]}")
+
+
 def open_storage(url: str):
     """An Optuna storage for ``url``: ``sqlite:///file.db``, ``journal:file.journal`` (or a path
     ending in .journal/.log), or any SQLAlchemy URL (``postgresql://user:pw@host/db``, ``mysql://...``)."""
@@ -87,7 +109,7 @@ def open_storage(url: str):
             heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
         _sqlite_write_lock_on_begin(storage.engine)
         return storage
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+    return optuna.storages.RDBStorage(with_driver(url), engine_kwargs={"pool_pre_ping": True},
                                       heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
 
 

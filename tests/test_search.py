@@ -366,7 +366,10 @@ def _pg_bin(name):
 def postgres(tmp_path_factory):
     """A throwaway PostgreSQL cluster on 127.0.0.1 (as a non-root user when we are root)."""
     pytest.importorskip("optuna", reason="the PostgreSQL storage is Optuna's")
-    pytest.importorskip("psycopg2", reason="SQLAlchemy's postgresql:// driver (pip install psycopg2-binary)")
+    try:
+        st.with_driver("postgresql://x")
+    except ImportError as e:
+        pytest.skip(str(e))
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
@@ -418,6 +421,9 @@ def _has_user(name):
 
 def test_postgresql_storage(tmp_path, capsys, corpus, postgres):
     import optuna
+    rc, _, err = run_main(["--config", write_cfg(tmp_path / "s.yaml"), "--output_dir", str(tmp_path / "x"),
+                           "--storage", postgres.rsplit(":", 1)[0] + ":1/postgres"], capsys)
+    assert rc == 2 and err.startswith("error: cannot open the storage postgresql://lmtest@127.0.0.1:1/postgres")
     cfg = write_cfg(tmp_path / "s.yaml", budget={"max_iters": 4, "eval_interval": 2})
     args = ["--config", cfg, "--data", corpus, "--storage", postgres, "--study_name", "pg", "--no_progress"]
     rc, o, err = run_main(args + ["--output_dir", str(tmp_path / "m1"), "--n_trials", "2"], capsys)
@@ -426,7 +432,7 @@ def test_postgresql_storage(tmp_path, capsys, corpus, postgres):
     # a second machine: the same storage and study name, another folder; it joins the study
     rc, o, err = run_main(args + ["--output_dir", str(tmp_path / "m2"), "--n_trials", "3"], capsys)
     assert rc == 0, err
-    study = optuna.load_study(study_name="pg", storage=postgres)
+    study = optuna.load_study(study_name="pg", storage=st.open_storage(postgres))
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
     assert len(read_csv(str(tmp_path / "m2"))) == 3
 
@@ -463,3 +469,18 @@ def test_plots_draw_the_records(tmp_path):
     assert s["n_pruned"] == 1 and s["steps_run"] == 21 and s["steps_no_pruning"] == 24
     assert s["best"]["number"] == 3
     assert "| 3 | 0.95 | 0.008 | 2 | 1.5000 |" in open(tmp_path / "report.md").read()
+
+
+def test_storage_urls(monkeypatch):
+    assert st.describe("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert st.describe("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert st.journal_path("journal:/a/s.journal") == "/a/s.journal" and st.journal_path("x/s.log") == "x/s.log"
+    assert st.journal_path("sqlite:///x.db") is None
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: object() if m == "psycopg2" else
+                        (None if m in ("psycopg", "pg8000", "MySQLdb", "pymysql", "mysql.connector") else real(m, *a)))
+    assert st.with_driver("postgresql://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert st.with_driver("postgresql+pg8000://u@h/db") == "postgresql+pg8000://u@h/db"   # named: kept
+    with pytest.raises(ImportError, match="pip install pymysql"):
+        st.with_driver("mysql://u@h/db")
