@@ -263,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--final_iters", type=int, default=2000, help="steps of the full-length runs")
     p.add_argument("--final_eval_iters", type=int, default=200, help="batches per split of the final estimate")
     p.add_argument("--finalists", type=int, default=1, help="best trials trained at full length (seed 1337)")
+    p.add_argument("--finalist_trials", default="", help="comma list of trial numbers to train at full length "
+                                                         "instead of the best --finalists")
     p.add_argument("--worker_window", type=float, default=60.0)
     p.add_argument("--worker_rounds", type=int, default=2)
     p.add_argument("--sampler_trials", type=int, default=10)
@@ -300,9 +302,13 @@ def main(argv=None) -> int:
         log(f"search: {s['n_finished']} trials, {s['n_pruned']} pruned ({100 * s['pruned_fraction']:.0f}%), "
             f"compute {s['steps_run']}/{s['steps_no_pruning']} steps ({100 * s['compute_fraction']:.0f}%), "
             f"{s['wall_s']:.0f} s")
+        leaders = s["leaders"][:args.finalists]
+        if args.finalist_trials:   # chosen earlier, e.g. the best trial when the final runs had to start
+            want = [int(n) for n in args.finalist_trials.split(",")]
+            leaders = [r for r in s["leaders"] if r["number"] in want]
         fin = [{"name": f"trial{r['number']}", "seed": 1337, "params": r["params"], "data": args.data,
                 "iters": args.final_iters, "eval_iters": args.final_eval_iters,
-                "out": os.path.join(cache, "final", f"trial{r['number']}-s1337")} for r in s["leaders"][:args.finalists]]
+                "out": os.path.join(cache, "final", f"trial{r['number']}-s1337")} for r in leaders]
         if "final" in phases or all(load_json(j["out"] + ".json") for j in fin):
             la0 = load_state(cache)
             os.makedirs(os.path.join(cache, "final"), exist_ok=True)
