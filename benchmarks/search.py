@@ -150,7 +150,8 @@ def _final_run(job: dict) -> dict:
     cfg.data.corpus = job["data"]
     validate(cfg)
     t0 = time.time()
-    summary = lt.train(cfg, job["out"], log=lambda m: None)
+    resume = os.path.isfile(os.path.join(job["out"], lt.CHECKPOINT))   # a run killed midway goes on
+    summary = lt.train(cfg, job["out"], log=lambda m: None, resume=resume)
     wall = time.time() - t0
     model = lt.GPT(cfg.model)
     ck = load_file(os.path.join(job["out"], "checkpoint.safetensors"))

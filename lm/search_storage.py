@@ -126,10 +126,11 @@ def record_from_frozen(t) -> dict:
 
 def counts_toward_budget(t) -> bool:
     """Trials that use up ``--n_trials``: finished ones (a failure the objective reported counts,
-    so a search of failing trials ends), and those running or queued. A trial interrupted by
-    Ctrl-C or a killed worker does not: its place is run again."""
+    so a search of failing trials ends) and running ones. A trial interrupted by Ctrl-C or a
+    killed worker does not: its place is run again. Queued (WAITING) ones run first, when their
+    turn comes."""
     state = t.state.name
-    return state in ("COMPLETE", "PRUNED", "RUNNING", "WAITING") or (state == "FAIL" and "error" in t.user_attrs)
+    return state in ("COMPLETE", "PRUNED", "RUNNING") or (state == "FAIL" and "error" in t.user_attrs)
 
 
 # --------------------------------------------------------------------------- without Optuna
