@@ -448,10 +448,12 @@ def test_plots_draw_the_records(tmp_path):
              "train.warmup_iters": 4, "train.beta2": 0.99}, "steps": 6, "intermediate": {3: 2.2, 6: 1.8}},
             {"number": 3, "state": "COMPLETE", "value": 1.5, "params": {"train.learning_rate": 8e-3,
              "train.warmup_iters": 2, "train.beta2": 0.95}, "steps": 6, "intermediate": {3: 2.3, 6: 1.5}}]
-    fig = sr.plot_history(recs, sc, str(tmp_path / "h.png"))
+    later = {"number": 4, "state": "COMPLETE", "value": 1.9, "params": recs[0]["params"], "steps": 6,
+             "intermediate": {3: 2.4, 6: 1.9}}   # worse than the best so far: the best line stays
+    fig = sr.plot_history(recs + [later], sc, str(tmp_path / "h.png"))
     lines = {ln.get_gid(): ln for ln in fig.axes[0].lines}
-    assert list(lines["complete"].get_ydata()) == [2.0, 1.8, 1.5]
-    assert list(lines["best"].get_ydata()) == [2.0, 1.8, 1.5]
+    assert list(lines["complete"].get_ydata()) == [2.0, 1.8, 1.5, 1.9]
+    assert list(lines["best"].get_ydata()) == [2.0, 1.8, 1.5, 1.5]
     assert list(lines["pruned"].get_xdata()) == [1] and list(lines["pruned"].get_ydata()) == [2.9]
     fig = sr.plot_curves(recs, sc, str(tmp_path / "c.png"))
     pruned = [ln for ln in fig.axes[0].lines if ln.get_gid().endswith("PRUNED")]
