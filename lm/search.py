@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- set-up
-def default_storage(output_dir: str, search_type: str, optuna_ok: bool) -> str:
+def default_storage(output_dir: str, optuna_ok: bool) -> str:
     if optuna_ok:
         return "sqlite:///" + os.path.abspath(os.path.join(output_dir, "study.db"))
     return os.path.join(output_dir, "trials.jsonl")   # the plain random/grid backend
@@ -110,7 +110,7 @@ def check_args(args) -> tuple[SearchConfig, bool, int]:
             raise SearchError(f"{need} needs Optuna: pip install 'minigrad-lm[search]' (or pip install optuna); "
                               f"--search_type random and grid run without it, one worker, default storage")
     if args.storage is None:
-        url = default_storage(args.output_dir, args.search_type, optuna_ok)
+        url = default_storage(args.output_dir, optuna_ok)
         path = url.removeprefix("sqlite:///")
         if args.resume and not os.path.exists(path):
             raise SearchError(f"--resume: no study at {path}; run without --resume to start one")
@@ -239,9 +239,10 @@ def run_trial(trial, sc: SearchConfig, output_dir: str, pruned_exc) -> float:
 
 
 def _error_text(e: BaseException) -> str:
+    """The message alone for our own errors (they say what happened), else with the type's name."""
+    from .train import TrainingDiverged
     msg = str(e) or type(e).__name__
-    return msg if isinstance(e, (TrialFailed,)) or type(e).__name__ == "TrainingDiverged" \
-        else f"{type(e).__name__}: {msg}"
+    return msg if isinstance(e, (TrialFailed, TrainingDiverged, ConfigError)) else f"{type(e).__name__}: {msg}"
 
 
 def optuna_objective(sc: SearchConfig, output_dir: str, say):
@@ -384,7 +385,7 @@ class _Bar:
 
 def search(args, sc: SearchConfig, optuna_ok: bool, n_trials: int, log=print) -> dict:
     from .search_report import write_results
-    url = args.storage or default_storage(args.output_dir, args.search_type, optuna_ok)
+    url = args.storage or default_storage(args.output_dir, optuna_ok)
     if args.storage is None:
         os.makedirs(args.output_dir, exist_ok=True)   # the default storage lives there
     deadline = time.time() + args.timeout if args.timeout else None

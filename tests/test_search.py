@@ -6,7 +6,6 @@ import csv
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
