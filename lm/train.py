@@ -426,11 +426,14 @@ class Progress:
 
 
 def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callback=None,
-          given: set | None = None, overwrite: bool = False, memory=None) -> dict:
+          given: set | None = None, overwrite: bool = False, memory=None, on_eval=None) -> dict:
     """Run training; returns a summary dict (losses, steps, timings).
 
     ``callback(step, loss)``, if given, is called after every optimizer step (notebooks
-    use it for live plots; tests use it to interrupt a run). ``memory(model)``, if given,
+    use it for live plots; tests use it to interrupt a run). ``on_eval(step, losses)``, if
+    given, is called after every evaluation (``losses``: {"train", "val"}, and "val_memory"
+    with ``memory``), once its checkpoint is saved; ``lm.search`` reports them to its pruner
+    there, and an exception it raises ends the run. ``memory(model)``, if given,
     returns an ``lm.knn.KNNLM`` whose validation loss each evaluation also reports (while the
     weights are those its datastore was built with). ``given``: the config keys the
     user set (``--resume`` refuses those that differ from the checkpoint's; None: none).
@@ -489,7 +492,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     saved = {"step": None}
     try:
         return _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir,
-                      metrics_path, memory, model)
+                      metrics_path, memory, model, on_eval)
     except BaseException as e:
         if created and saved["step"] is None:
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -499,7 +502,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
 
 
 def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir, metrics_path,
-           memory=None, model=None):
+           memory=None, model=None, on_eval=None):
     t_cfg, m_cfg = cfg.train, cfg.model
     resume = ckpt is not None
     remove_stale_tmp(output_dir, log)
@@ -573,6 +576,8 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                         save_model_dir(model_dir, model, data.tokenizer, cfg, {"step": step, "val_loss": best_val})
                     if step > 0 or not resume:
                         checkpoint(step)
+                    if on_eval is not None:   # lm.search: its pruner; an exception ends the run
+                        on_eval(step, losses)
                     pbar.exclude(time.perf_counter() - t_eval)
                 if is_last:
                     break

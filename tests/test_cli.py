@@ -385,8 +385,15 @@ def test_setup_extras_point_to_something():
     c = configparser.ConfigParser()
     c.read(os.path.join(ROOT, "setup.cfg"))
     extras = c["options.extras_require"]
-    if "search" in extras:   # the extra exists only with the tool it installs for
-        assert os.path.isfile(os.path.join(ROOT, "lm", "search.py"))
+    # the search extra installs Optuna for lm.search: both exist, and the tool imports (Optuna lazily)
+    assert "search" in extras and "optuna" in extras["search"]
+    assert os.path.isfile(os.path.join(ROOT, "lm", "search.py"))
+    import importlib
+    search = importlib.import_module("lm.search")
+    assert callable(search.main)
+    scripts = dict(ln.split("=", 1) for ln in c["options.entry_points"]["console_scripts"].strip().splitlines())
+    scripts = {k.strip(): v.strip() for k, v in scripts.items()}
+    assert scripts["lm-search"] == "lm.search:main"
 
 
 def test_matmul_rate_command(capsys):
