@@ -32,23 +32,10 @@ import numpy as np
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE vocabularies are written in it):
-    printable Latin-1 bytes stand for themselves, the other 68 are shifted above 255."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    table, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
-
-
 def _token_strings(tok) -> tuple[list[str], list[str]]:
     """(tokens, merges) of our tokenizer in the byte-level form llama.cpp's gpt2 vocab uses."""
-    b2u = _bytes_to_unicode()
+    from .hf import bytes_to_unicode   # GPT-2's byte -> printable character table, written once
+    b2u = bytes_to_unicode()
     enc = lambda bs: "".join(b2u[b] for b in bs)          # noqa: E731
     if tok.kind == "char":
         return [enc(c.encode("utf-8")) for c in tok.chars], []
