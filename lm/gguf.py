@@ -29,6 +29,8 @@ import os
 
 import numpy as np
 
+from minigrad.io import atomic_write_path
+
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
@@ -164,25 +166,6 @@ def export_gguf(model_dir: str, out_path: str, outtype: str = "f32") -> dict:
         wr.write_tensors_to_file()
         wr.close()
 
-    _atomic_path_write(out_path, write)
+    atomic_write_path(out_path, write)
     return {"path": out_path, "outtype": outtype, "tensors": len(tensors), "bytes": os.path.getsize(out_path),
             "types": types, "fallback_f16": fallback}
-
-
-def _atomic_path_write(path: str, write) -> None:
-    """GGUFWriter wants a path, not a file object: ``write(tmp)`` makes a temporary file beside
-    ``path``, which is then renamed over ``path`` (a crash leaves the old file or none)."""
-    import tempfile
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

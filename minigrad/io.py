@@ -32,17 +32,29 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_write(path: str, write) -> None:
     """Call ``write(f)`` on a temporary binary file beside ``path``, then rename it over ``path``."""
+    def to_path(tmp):
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write_path(path, to_path)
+
+
+def atomic_write_path(path: str, write) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it over ``path``.
+
+    For writers that want a file name rather than a file object (GGUFWriter). A crash or an
+    exception leaves the old file or none, and the temporary file is removed.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
         # mkstemp makes the file 0600; give it the mode a plain open() would (or the old file's)
         os.chmod(tmp, _mode_for(path))
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -287,16 +287,17 @@ def test_resume_after_kill_loses_no_completed_trial(tmp_path, corpus):
             return optuna.load_study(study_name="lm-search", storage=st.open_storage("sqlite:///" + db)).trials
         except Exception:
             return []
-    def one_done_one_running():
-        states = {t.state.name for t in trials()}
-        return "COMPLETE" in states and "RUNNING" in states
+    def one_done_one_running():   # a running trial that has drawn its values (a new one has none yet)
+        ts = trials()
+        return any(t.state.name == "COMPLETE" for t in ts) and any(t.state.name == "RUNNING" and t.params
+                                                                   for t in ts)
     try:
         assert _wait_for(one_done_one_running, 300)
     finally:
         proc.kill()   # SIGKILL: no chance to clean up
         proc.wait()
     before = {t.number: (t.params, t.value) for t in trials() if t.state.name == "COMPLETE"}
-    running = [t.params for t in trials() if t.state.name == "RUNNING"]
+    running = [t.params for t in trials() if t.state.name == "RUNNING" and t.params]
     assert before and running
     r = subprocess.run(cmd + ["--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
