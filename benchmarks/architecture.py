@@ -49,6 +49,9 @@ import minigrad as mg  # noqa: E402
 from minigrad import attention as mattn  # noqa: E402
 from minigrad.memory import MemoryTracker  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import step as train_step  # noqa: E402  (one training step with memory marks, shared)
+
 SEEDS = (1337, 1338, 1339)
 BASE = ["model.block_size=64", "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.dropout=0.0",
         "data.tokenizer=char", "data.val_fraction=0.1", "train.batch_size=12", "train.learning_rate=1e-3",
@@ -131,18 +134,6 @@ def _build(cfg_model, dtype=np.float32):
     return m, m.configure_optimizer(1e-3, 0.1, (0.9, 0.99))
 
 
-def _step(model, opt, x, y, mt=None):
-    mark = mt.mark if mt is not None else (lambda label: None)
-    mark("forward")
-    _, loss = model(x, y)
-    opt.zero_grad()
-    mark("backward")
-    loss.backward()
-    mark("optimizer")
-    opt.step()
-    mark("end")
-
-
 def _decode_tps(model, prompt_len: int, new: int, reps: int) -> list:
     """Tokens/s of greedy decoding with the KV cache, batch 1: the prompt of prompt_len is read
     first (not timed), then ``new`` tokens one at a time (timed), as lm.generate does."""
@@ -189,9 +180,9 @@ def measure(args, variants, vocab: int, log=print) -> dict:
     x = rng.integers(0, vocab, (12, 64))
     y = rng.integers(0, vocab, (12, 64))
     for v, (m, opt) in built.items():
-        _step(m, opt, x, y)                                  # warm-up (compilation, optimizer state)
+        train_step(m, opt, x, y)                                  # warm-up (compilation, optimizer state)
         with MemoryTracker(m, opt, timeline=False) as mt:
-            _step(m, opt, x, y, mt)
+            train_step(m, opt, x, y, mt)
         s = mt.summary()
         per_pos, total = kv_bytes_per_position(m)
         m.train()
@@ -200,7 +191,7 @@ def measure(args, variants, vocab: int, log=print) -> dict:
     for _ in range(args.reps):                               # interleaved: load hits all alike
         for v, (m, opt) in built.items():
             t0 = time.perf_counter()
-            _step(m, opt, x, y)
+            train_step(m, opt, x, y)
             res[v]["step_ms"].append(1e3 * (time.perf_counter() - t0))
     for _ in range(args.reps):
         for v, (m, opt) in built.items():

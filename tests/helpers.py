@@ -113,3 +113,21 @@ def helper_test_op(shapes, mg_fn, torch_fn=None, *, low=-2.0, high=2.0, device="
             if b is not None:
                 assert_close(a, b, f"gradient of input {i} vs torch", atol, rtol)
     return outs, grads
+
+
+def tiny_model_folder(root) -> None:
+    """An untrained 2-layer, 64-wide char GPT saved as ``root/model``, with its corpus at
+    ``root/corpus.txt`` (short sentences of a dozen words): the input of the lm.compress tests."""
+    from lm.config import Config, apply_overrides
+    from lm.model import GPT
+    from lm.tokenizer import build_tokenizer
+    from lm.train import save_model_dir
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words, size=8)) + "." for _ in range(300)))
+    tok = build_tokenizer("char", corpus.read_text())
+    cfg = apply_overrides(Config(), ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32",
+                                     f"model.vocab_size={tok.vocab_size}", f"data.corpus={corpus}",
+                                     f"data.cache_dir={root}/cache"])
+    save_model_dir(str(root / "model"), GPT(cfg.model), tok, cfg)

@@ -4,14 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from helpers import tiny_model_folder
 
 from lm import compress as lc
 from lm import generate as gen
-from lm.config import Config, apply_overrides
 from lm.loader import detect_kind, load_model
-from lm.model import GPT
-from lm.tokenizer import build_tokenizer
-from lm.train import save_model_dir
 from minigrad.io import load_file
 from minigrad.nn.quantized import QuantEmbedding, QuantLinear
 
@@ -19,16 +16,7 @@ from minigrad.nn.quantized import QuantEmbedding, QuantLinear
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("compress")
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words, size=8)) + "." for _ in range(300)))
-    tok = build_tokenizer("char", corpus.read_text())
-    cfg = apply_overrides(Config(), ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32",
-                                     f"model.vocab_size={tok.vocab_size}", f"data.corpus={corpus}",
-                                     f"data.cache_dir={root}/cache"])
-    model = GPT(cfg.model)
-    save_model_dir(str(root / "model"), model, tok, cfg)
+    tiny_model_folder(root)
     return root
 
 
