@@ -49,6 +49,7 @@ import numpy as np
 import minigrad as mg
 from minigrad import backend
 from minigrad.io import atomic_write_text, load_file, load_metadata, save_file
+from minigrad.kernels.cores import Governor
 from minigrad.nn.lora import has_lora, load_lora_state_dict, lora_state_dict
 
 from .cli import ToolError, add_debug_flag, run_tool
@@ -544,6 +545,9 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
     last_eval = None
     first_step = True
     probe = StepProbe(model, opt, t_cfg)   # memory / gradient statistics, when the config asks
+    # fewer BLAS threads while other programs hold cores (minigrad/kernels/cores.py); says so once
+    governor = Governor(warn=lambda m: (pbar.write if pbar.bar is not None else log)("warning: " + m)) \
+        if t_cfg.device == "cpu" else None
     try:
         with open(metrics_path, "a", encoding="utf-8") as mlog, probe:
             while True:
@@ -604,6 +608,8 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                                            f"is kept at {ckpt_path}")
                 opt.step()
                 extra = probe.end_step(step + 1)
+                if governor is not None:
+                    extra["threads"] = governor.tick()
                 dt = time.perf_counter() - t0
                 step_times.append(dt)
                 step += 1
@@ -628,6 +634,8 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
         raise TrainingInterrupted(step, saved["step"], ckpt_path) from None
     finally:
         pbar.close()
+        if governor is not None:
+            governor.close()
     probe.finish(output_dir, log)
     wall_part = time.perf_counter() - t_start
     wall = wall_before + wall_part
