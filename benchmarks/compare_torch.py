@@ -222,13 +222,46 @@ def _mb(nbytes) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2 ** 20:,.1f}"
 
 
+SETTINGS = {"gelu": "tanh", "bias": True}   # GPT-2's; --nanogpt_settings: nanoGPT train.py's (exact, no bias)
+NANOGPT = {"module": None}                   # --nanogpt_dir: nanoGPT's own model.py, a third contestant
+
+
 def model_config(name: str, vocab: int, block_size=None) -> tuple[ModelConfig, int]:
     c = dict(CONFIGS[name])
     batch = c.pop("batch")
     if block_size:
         c["block_size"] = block_size
-    extra = {"gelu": "tanh"} if "gelu" in ModelConfig.__dataclass_fields__ else {}   # GPT-2's GELU
-    return ModelConfig(vocab_size=vocab, dropout=0.0, bias=True, attention="auto", **extra, **c), batch
+    return ModelConfig(vocab_size=vocab, dropout=0.0, attention="auto", **SETTINGS, **c), batch
+
+
+def load_nanogpt(nanogpt_dir: str):
+    """nanoGPT's model.py, imported from a user's checkout (never copied into this project)."""
+    import importlib.util
+    path = os.path.join(os.path.expanduser(nanogpt_dir), "model.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --nanogpt_dir {nanogpt_dir}: no model.py there; clone "
+                         "https://github.com/karpathy/nanoGPT")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def nanogpt_twin(model: GPT):
+    """nanoGPT's own GPT holding a copy of ``model``'s weights, and nanoGPT's own AdamW
+    (its ``configure_optimizers``: decay on ndim >= 2, as ours)."""
+    m, c = NANOGPT["module"], model.config
+    nm = m.GPT(m.GPTConfig(block_size=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd, dropout=0.0, bias=c.bias))
+    sd = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in model.state_dict().items()}
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    missing, unexpected = nm.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not k.endswith(".attn.bias")]:
+        raise RuntimeError(f"nanoGPT's parameter names differ: missing {missing}, unexpected {unexpected}")
+    import contextlib
+    with contextlib.redirect_stdout(io.StringIO()):      # it prints its parameter counts
+        opt = nm.configure_optimizers(WEIGHT_DECAY, LR, BETAS, "cpu")
+    return nm, opt
 
 
 def flops_per_token(n_params: int, cfg: ModelConfig) -> int:
@@ -314,6 +347,17 @@ def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: i
     rec = {"ours": [], "torch": []}
     runners = {"ours": lambda x, y: ours_step(model, opt, params, x, y),
                "torch": lambda x, y: torch_step(tm, topt, tparams, x, y)}
+    if NANOGPT["module"] is not None:   # nanoGPT's own model.py, same weights
+        nm, nopt = nanogpt_twin(model)
+        nparams = list(nm.parameters())
+        with torch.no_grad():
+            _, l_nano = nm(torch.from_numpy(data[0][0]), torch.from_numpy(data[0][1]))
+        log(f"[{name}] first-batch loss: nanoGPT's model {float(l_nano):.6f}")
+        if abs(float(l_nano) - l_torch) > LOSS_TOL:
+            raise RuntimeError(f"{name}: nanoGPT's model and our twin differ in the first loss by "
+                               f"{abs(float(l_nano) - l_torch):.3g}")
+        rec["nanogpt"] = []
+        runners["nanogpt"] = lambda x, y: torch_step(nm, nopt, nparams, x, y)
     # the matmul peak is timed between the steps too, so MFU divides by a rate measured under the same load
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((peak_n, peak_n)).astype(np.float32) for _ in range(2))
@@ -323,12 +367,12 @@ def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: i
     # timed: NumPy's BLAS threads and PyTorch's OpenMP threads both spin for a while after
     # their work, so a step that follows the other framework's step pays for its idle spinning.
     # Alternating single steps made PyTorch's nanoGPT-CPU step look 3x slower than run alone.
-    timed = {"ours": [], "torch": []}
+    timed = {w: [] for w in runners}
     block_ratios = []   # per chunk: median ours step / median PyTorch step, both run back to back
     chunks = [data[i:i + BLOCK] for i in range(0, len(data), BLOCK)]
     for ci, chunk in enumerate(chunks):
-        order = ("ours", "torch") if ci % 2 == 0 else ("torch", "ours")   # alternate who goes first
-        in_chunk = {"ours": [], "torch": []}
+        order = list(runners)[ci % len(runners):] + list(runners)[:ci % len(runners)]   # who goes first rotates
+        in_chunk = {w: [] for w in runners}
         for who in order:
             for j, (x, y) in enumerate(chunk):
                 r = runners[who](x, y)
@@ -348,7 +392,7 @@ def bench_training(name: str, batches: Batches, steps: int, warmup: int, seed: i
     fpt = flops_per_token(n_params, cfg)
     tokens = B * cfg.block_size
     peak = 2.0 * peak_n ** 3 / _median(sgemm[1:] or sgemm)
-    out = {"config": dict(CONFIGS[name]), "n_params": n_params, "tokens_per_step": tokens, "peak_flops": peak,
+    out = {"config": dict(CONFIGS[name], **SETTINGS), "n_params": n_params, "tokens_per_step": tokens, "peak_flops": peak,
            "flops_per_step": fpt * tokens, "loss_first": {"ours": l_ours, "torch": l_torch},
            "grad_norm_first": {w: rec[w][0][4] for w in rec},
            "loss_last": {w: rec[w][-1][3] for w in rec},
@@ -729,6 +773,15 @@ def write_report(res: dict, out_dir: str) -> str:
         o, t = r["ours"], r["torch"]
         rows.append([name, "**ours / PyTorch**", *(f"**{o[k] / t[k]:.2f}x**" for k in ("fwd", "bwd", "opt", "total")),
                      f"{o['tokens_s'] / t['tokens_s']:.2f}x", "", ""])
+        if "nanogpt" in r:   # nanoGPT's own model.py: the twin must be at least as fast, or we compare to it
+            s = n = r["nanogpt"]
+            rows.append([name, "nanoGPT's model.py", f"{s['fwd'] * 1e3:.1f}", f"{s['bwd'] * 1e3:.1f}",
+                         f"{s['opt'] * 1e3:.1f}", f"{s['total'] * 1e3:.1f}", f"{s['tokens_s']:,.0f}",
+                         f"{s['flops_s'] / 1e9:.2f}", f"{100 * s['mfu']:.1f}%"])
+            f = n if n["total"] < t["total"] else t
+            rows.append([name, "**ours / the faster PyTorch model**" + (" (nanoGPT's)" if f is n else " (twin)"),
+                         *(f"**{o[k] / f[k]:.2f}x**" for k in ("fwd", "bwd", "opt", "total")),
+                         f"{o['tokens_s'] / f['tokens_s']:.2f}x", "", ""])
         checks.append([name, f"{r['n_params'] / 1e6:.2f}M", f"{r['tokens_per_step']}",
                        f"{r['flops_per_step'] / 1e9:.2f}",
                        f"{r['loss_first']['ours']:.6f}", f"{r['loss_first']['torch']:.6f}",
@@ -771,39 +824,41 @@ def write_report(res: dict, out_dir: str) -> str:
                                  f"{100 * p['share']:.1f}%"] for p in r["profile"]]), ""]
 
     a = res["attention"]
-    parts += ["## Attention forward + backward", "",
-              f"Causal, batch 1, {ATTN_HEADS} heads, head size {ATTN_HS}, float32. Time: medians of interleaved "
-              "repeats. Extra memory = peak above the inputs (outputs, saved state and gradients included). "
-              "tracemalloc: this process, NumPy buffers only (Numba-internal allocations and PyTorch are "
-              "invisible to it). RSS: a fresh subprocess per cell, VmHWM reset by /proc/self/clear_refs "
-              "after warm-up and input allocation, then one forward + backward; page-granular and includes "
-              "allocator slack, so small values are noisy. max|diff|: output and dq against our blocked kernel.",
-              ""]
-    rows = []
-    for T, row in a.items():
-        for n, r in row.items():
-            if r.get("skipped"):
-                rows.append([T, ATTN_LABELS[n], "skipped", "", "", "", f"needs ~{r['est_bytes'] / 2 ** 30:.1f} GB "
-                             "(> 2 GB)", "", ""])
-                continue
-            tr = r["total"] / row["torch"]["total"] if "torch" in row and "total" in row["torch"] else float("nan")
-            rows.append([T, ATTN_LABELS[n], f"{r['fwd'] * 1e3:.1f}", f"{r['bwd'] * 1e3:.1f}", f"{r['total'] * 1e3:.1f}",
-                         f"{tr:.2f}x", _mb(r["tracemalloc_bytes"]), _mb(r["rss_bytes"]),
-                         f"{r['max_abs_diff_o']:.1e} / {r['max_abs_diff_dq']:.1e}"])
-    parts += [md_table(["T", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", "vs PyTorch", "extra MB (tracemalloc)",
-                        "extra MB (RSS)", "max abs diff o / dq"], rows), ""]
+    if a:
+        parts += ["## Attention forward + backward", "",
+                  f"Causal, batch 1, {ATTN_HEADS} heads, head size {ATTN_HS}, float32. Time: medians of interleaved "
+                  "repeats. Extra memory = peak above the inputs (outputs, saved state and gradients included). "
+                  "tracemalloc: this process, NumPy buffers only (Numba-internal allocations and PyTorch are "
+                  "invisible to it). RSS: a fresh subprocess per cell, VmHWM reset by /proc/self/clear_refs "
+                  "after warm-up and input allocation, then one forward + backward; page-granular and includes "
+                  "allocator slack, so small values are noisy. max|diff|: output and dq against our blocked kernel.",
+                  ""]
+        rows = []
+        for T, row in a.items():
+            for n, r in row.items():
+                if r.get("skipped"):
+                    rows.append([T, ATTN_LABELS[n], "skipped", "", "", "", f"needs ~{r['est_bytes'] / 2 ** 30:.1f} GB "
+                                 "(> 2 GB)", "", ""])
+                    continue
+                tr = r["total"] / row["torch"]["total"] if "torch" in row and "total" in row["torch"] else float("nan")
+                rows.append([T, ATTN_LABELS[n], f"{r['fwd'] * 1e3:.1f}", f"{r['bwd'] * 1e3:.1f}", f"{r['total'] * 1e3:.1f}",
+                             f"{tr:.2f}x", _mb(r["tracemalloc_bytes"]), _mb(r["rss_bytes"]),
+                             f"{r['max_abs_diff_o']:.1e} / {r['max_abs_diff_dq']:.1e}"])
+        parts += [md_table(["T", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", "vs PyTorch", "extra MB (tracemalloc)",
+                            "extra MB (RSS)", "max abs diff o / dq"], rows), ""]
 
     g = res["generation"]
-    parts += ["## Generation", "",
-              f"nanoGPT-CPU model with block 256 (4 layers, 4 heads, 128 wide), untrained, greedy, "
-              f"{g['new_tokens']} new tokens after a {g['prompt_len']}-token prompt, batch 1; medians of "
-              f"interleaved repeats. Ours with and without the cache gave identical tokens; PyTorch agreed on "
-              f"{g['torch_agreeing_tokens']}/{g['new_tokens']} new tokens (an untrained model's logits are "
-              "close together, so float rounding can flip an argmax).", ""]
-    rows = [[k, f"{v['s']:.2f}", f"{v['tokens_s']:,.0f}"] for k, v in g.items() if isinstance(v, dict)]
-    speedup = g["ours, KV cache"]["tokens_s"] / g["ours, no cache"]["tokens_s"]
-    rows.append(["ours: cache speed-up", "", f"{speedup:.2f}x"])
-    parts += [md_table(["run", "seconds", "tokens/s"], rows), ""]
+    if g:
+        parts += ["## Generation", "",
+                  f"nanoGPT-CPU model with block 256 (4 layers, 4 heads, 128 wide), untrained, greedy, "
+                  f"{g['new_tokens']} new tokens after a {g['prompt_len']}-token prompt, batch 1; medians of "
+                  f"interleaved repeats. Ours with and without the cache gave identical tokens; PyTorch agreed on "
+                  f"{g['torch_agreeing_tokens']}/{g['new_tokens']} new tokens (an untrained model's logits are "
+                  "close together, so float rounding can flip an argmax).", ""]
+        rows = [[k, f"{v['s']:.2f}", f"{v['tokens_s']:,.0f}"] for k, v in g.items() if isinstance(v, dict)]
+        speedup = g["ours, KV cache"]["tokens_s"] / g["ours, no cache"]["tokens_s"]
+        rows.append(["ours: cache speed-up", "", f"{speedup:.2f}x"])
+        parts += [md_table(["run", "seconds", "tokens/s"], rows), ""]
     text = "\n".join(parts)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(text)
@@ -869,6 +924,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="threads for PyTorch, Numba and NumPy's BLAS alike (default: all cores)")
     p.add_argument("--no_rss", action="store_true", help="skip the fresh-process memory measurements")
+    p.add_argument("--nanogpt_dir", default=None, help="a nanoGPT checkout: its model.py's step is timed too "
+                   "(same weights), and ours is reported against the faster of it and our twin")
+    p.add_argument("--nanogpt_settings", action="store_true", help="no biases and exact GELU (nanoGPT train.py's "
+                   "defaults) instead of GPT-2's biases and tanh GELU")
+    p.add_argument("--skip", nargs="+", default=[], choices=["attention", "generation"],
+                   help="parts not to run")
     p.add_argument("--no_profile", action="store_true", help="skip the cProfile table of our step")
     p.add_argument("--_child_attn", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -885,6 +946,13 @@ def main(argv=None) -> int:
         print(json.dumps(child_attn_rss(name, int(T))))
         return 0
 
+    if args.nanogpt_settings:
+        SETTINGS.update(gelu="exact", bias=False)
+    if args.nanogpt_dir:
+        NANOGPT["module"] = load_nanogpt(args.nanogpt_dir)
+        if SETTINGS["gelu"] != "exact":
+            print("note: nanoGPT's model.py has exact GELU only: --nanogpt_dir implies --nanogpt_settings' GELU")
+            SETTINGS.update(gelu="exact")
     threads = set_threads(args.threads)
     if args.threads > 1 and os.getloadavg()[0] > os.cpu_count():
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. Multi-threaded "
@@ -916,9 +984,10 @@ def main(argv=None) -> int:
                                                res["peak"]["n"], 0 if (q or args.no_profile) else 3)
 
     names = ["blocked", "flash", "reference", "node", "composite", "torch"]
-    res["attention"] = bench_attention(Ts, names, reps_at_256=2 if q else 24, min_reps=2 if q else 3,
-                                       rss=not args.no_rss, threads=args.threads)
-    res["generation"] = bench_generation(batches, gen_tokens, 1 if q else 3, args.seed)
+    res["attention"] = {} if "attention" in args.skip else bench_attention(
+        Ts, names, reps_at_256=2 if q else 24, min_reps=2 if q else 3, rss=not args.no_rss, threads=args.threads)
+    res["generation"] = None if "generation" in args.skip else bench_generation(batches, gen_tokens, 1 if q else 3,
+                                                                                args.seed)
 
     res["wall_s"] = time.perf_counter() - t_start
     res["load_before"], res["load_after"] = load_before, " ".join(f"{x:.1f}" for x in os.getloadavg())
