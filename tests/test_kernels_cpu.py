@@ -71,6 +71,46 @@ def test_gelu_non_contiguous_input():
     np.testing.assert_allclose(t.grad.data, d64, rtol=2e-6, atol=2e-6)
 
 
+def _gelu_erf64(x):
+    x = x.astype(np.float64)
+    one_plus_erf = np.vectorize(math.erfc)(-x / math.sqrt(2.0))   # 1 + erf(v) = erfc(-v), no cancellation
+    y = 0.5 * x * one_plus_erf
+    d = 0.5 * one_plus_erf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return y, d
+
+
+def test_exact_gelu_float32_compiled_matches_float64():
+    x = (rng.standard_normal((37, 129)) * 4).astype(np.float32)     # odd sizes: vector tails
+    x[0, :6] = [0.0, -12.0, 12.0, 1e-6, -30.0, -5.0]
+    t = mg.Tensor(x, requires_grad=True)
+    y = F.gelu(t, approximate="none")
+    assert y.creator.compiled and y.dtype == np.float32 and y.creator.saved[1] is None
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    y.backward(mg.Tensor(gy))
+    y64, d64 = _gelu_erf64(x)
+    np.testing.assert_allclose(y.data, y64, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(t.grad.data, gy * d64, rtol=2e-6, atol=2e-6)
+    # the negative tail keeps its relative accuracy (1 + erf is formed as erfc there)
+    tail = np.array([-3.0, -5.0, -8.0], np.float32)
+    yt = F.gelu(mg.Tensor(tail), approximate="none").data
+    np.testing.assert_allclose(yt, _gelu_erf64(tail)[0], rtol=1e-5)
+    # NaN propagates, inf stays inf
+    sp = F.gelu(mg.Tensor(np.array([np.nan, np.inf, 1.0], np.float32)), approximate="none").data
+    assert np.isnan(sp[0]) and sp[1] == np.inf
+
+
+def test_exact_gelu_compiled_matches_the_array_code_in_float64():
+    x = (rng.standard_normal((5, 40)) * 3)
+    t32 = mg.Tensor(x.astype(np.float32), requires_grad=True)
+    t64 = mg.Tensor(x, requires_grad=True)
+    y32, y64 = F.gelu(t32, approximate="none"), F.gelu(t64, approximate="none")
+    assert y32.creator.compiled and not y64.creator.compiled
+    y32.sum().backward()
+    y64.sum().backward()
+    np.testing.assert_allclose(y32.data, y64.data, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(t32.grad.data, t64.grad.data, rtol=2e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-5), (np.float64, 1e-12)])
 def test_layer_norm_compiled_matches_composite_in_float64(dtype, tol):
     x = (rng.standard_normal((3, 5, 33)) * 3 + 7).astype(dtype)

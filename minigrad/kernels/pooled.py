@@ -73,6 +73,16 @@ if HAVE_NUMBA:
         n = r[3]
         cpu.gelu_tanh_bwd(_carray(_f32p(r[0]), n), _carray(_f32p(r[1]), n), _carray(_f32p(r[2]), n))
 
+    def _gelu_erf_fwd(p):
+        r = _carray(_record(p), 3)                                 # x, y, n
+        n = r[2]
+        cpu.gelu_erf_fwd(_carray(_f32p(r[0]), n), _carray(_f32p(r[1]), n))
+
+    def _gelu_erf_bwd(p):
+        r = _carray(_record(p), 4)                                 # x, gy, gx, n
+        n = r[3]
+        cpu.gelu_erf_bwd(_carray(_f32p(r[0]), n), _carray(_f32p(r[1]), n), _carray(_f32p(r[2]), n))
+
     def _ln_fwd(p):
         r = _carray(_record(p), 10)           # x, w, b, y, mean, rstd, n, C, eps bits, itemsize
         n, C = r[6], r[7]
@@ -129,7 +139,8 @@ if HAVE_NUMBA:
 def _build():
     """Compile the C entry points (or load them from Numba's disk cache)."""
     sig = _t.void(_t.voidptr)
-    fns = {"gelu_fwd": _gelu_fwd, "gelu_bwd": _gelu_bwd, "ln_fwd": _ln_fwd, "ln_bwd": _ln_bwd,
+    fns = {"gelu_fwd": _gelu_fwd, "gelu_bwd": _gelu_bwd, "gelu_erf_fwd": _gelu_erf_fwd,
+           "gelu_erf_bwd": _gelu_erf_bwd, "ln_fwd": _ln_fwd, "ln_bwd": _ln_bwd,
            "adam": _adam, "bias_add": _bias_add, "sum_rows": _sum_rows}
     compiled = {k: numba.cfunc(sig, cache=True, nogil=True)(f) for k, f in fns.items()}
     return {k: v.address for k, v in compiled.items()} | {"_keep": compiled}
@@ -193,6 +204,23 @@ def gelu_tanh_bwd(x, gy, gx):
             "gelu_bwd", parts,
             lambda i, s: [_addr(x, s.start), _addr(gy, s.start), _addr(gx, s.start), s.stop - s.start]):
         cpu.gelu_tanh_bwd(x, gy, gx)
+
+
+def gelu_erf_fwd(x, y):
+    """cpu.gelu_erf_fwd over flat float32 arrays."""
+    parts = _parts(x.size, 1)
+    if len(parts) < 2 or not _fit(_F32, x, y) or not _run(
+            "gelu_erf_fwd", parts, lambda i, s: [_addr(x, s.start), _addr(y, s.start), s.stop - s.start]):
+        cpu.gelu_erf_fwd(x, y)
+
+
+def gelu_erf_bwd(x, gy, gx):
+    """cpu.gelu_erf_bwd over flat float32 arrays."""
+    parts = _parts(x.size, 1)
+    if len(parts) < 2 or not _fit(_F32, x, gy, gx) or not _run(
+            "gelu_erf_bwd", parts,
+            lambda i, s: [_addr(x, s.start), _addr(gy, s.start), _addr(gx, s.start), s.stop - s.start]):
+        cpu.gelu_erf_bwd(x, gy, gx)
 
 
 def layer_norm_fwd(x, w, b, eps, y, mean, rstd):
