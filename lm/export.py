@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from .cli import add_debug_flag, run_tool
+
 FORMATS = ("hf", "gguf")
 GGUF_OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="hf: a folder to create; gguf: the .gguf file to write")
     p.add_argument("--outtype", default="f32", choices=GGUF_OUTTYPES, help="gguf only: weight format")
     p.add_argument("--force", action="store_true", help="hf: write into an existing, non-empty folder")
+    add_debug_flag(p)
     return p
 
 
@@ -47,14 +50,13 @@ def export(fmt: str, model_dir: str, out: str, outtype: str = "f32", force: bool
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_tool(lambda: _main(args), debug=args.debug)
+
+
+def _main(args) -> int:
     if args.outtype != "f32" and args.format != "gguf":
-        print("error: --outtype is for --format gguf only", file=sys.stderr)
-        return 2
-    try:
-        summary = export(args.format, args.model_dir, args.out, args.outtype, args.force)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ValueError("--outtype is for --format gguf only")
+    summary = export(args.format, args.model_dir, args.out, args.outtype, args.force)
     print(f"wrote {args.format} export to {args.out}")
     for k, v in (summary or {}).items():
         if k != "out":

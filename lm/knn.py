@@ -32,6 +32,8 @@ import numpy as np
 from minigrad import backend
 from minigrad.calib import capture
 from minigrad.io import atomic_write_text
+
+from .cli import add_debug_flag, run_tool
 from minigrad.tensor import no_grad
 
 from .knn_index import INDEXES, METRICS, merge  # noqa: F401  (METRICS re-exported)
@@ -355,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--batch_size", type=int, default=16, help="windows per forward")
         q.add_argument("--device", default="cpu")
         q.add_argument("--no_progress", action="store_true")
+        add_debug_flag(q)
     b.add_argument("--out", required=True, help="datastore folder to write")
     b.add_argument("--split", default="train", choices=("train", "val", "all"))
     b.add_argument("--key_dtype", default="float16", choices=KEY_DTYPES)
@@ -383,48 +386,47 @@ def _tokens(args, tok, model_dir: str):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import CorpusError
+    return run_tool(lambda: _main(args), debug=args.debug)
+
+
+def _main(args) -> int:
     from .loader import load_model
-    try:
-        if args.batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
-        if getattr(args, "max_tokens", None) is not None and args.max_tokens < 2:
-            raise ValueError(f"--max_tokens must be >= 2, got {args.max_tokens}")
-        if args.cmd == "build":
-            if os.path.exists(args.out) and not os.path.isdir(args.out):
-                raise StoreError(f"--out {args.out} is a file; give a folder for the datastore")
-            if args.stride is not None and args.stride < 1:
-                raise ValueError(f"--stride must be >= 1, got {args.stride}")
-        else:
-            Datastore.open(args.memory)            # a bad store fails before the model is loaded
-        model, tok = load_model(args.model_dir, args.device)
-        corpus, tokens = _tokens(args, tok, args.model_dir)
-        if args.cmd == "build":
-            store = build_datastore(model, tokens, args.out, args.key_dtype, args.batch_size, args.stride,
-                                    progress=not args.no_progress,
-                                    info={"corpus": corpus, "split": args.split, "model_dir": args.model_dir})
-            m = store.meta
-            print(f"store: {len(store):,} positions x {store.dim} ({m['key_dtype']} keys), "
-                  f"{store.bytes_per_position()} bytes/position, "
-                  f"{len(store) * store.bytes_per_position() / 2**20:.1f} MiB in {args.out}")
-            print(f"built in {m['build_s']:.1f} s: {m['positions_per_s']:,.0f} positions/s")
-            return 0
-        store = Datastore.open(args.memory, model)
-        half = len(tokens) // 2
-        best = tune(model, store, tokens[:half], batch_size=args.batch_size)
-        ev = evaluate(model, store, tokens[half:], best["lambda"], best["k"], best["temperature"], args.batch_size)
-        print(f"held-out second half ({ev['positions']:,} positions): LM {ev['lm_loss']:.4f}, kNN-LM "
-              f"{ev['knn_loss']:.4f} ({ev['knn_loss'] - ev['lm_loss']:+.4f} nats)")
-        meta = dict(store.meta)
-        meta["tuned"] = {k: best[k] for k in ("lambda", "k", "temperature")} | {
-            "tune_loss": best["loss"], "eval_lm_loss": ev["lm_loss"], "eval_knn_loss": ev["knn_loss"]}
-        atomic_write_text(os.path.join(args.memory, "store.json"), json.dumps(meta, indent=1))
-        print(f"saved lambda={best['lambda']} k={best['k']} temperature={best['temperature']:.4g} in "
-              f"{args.memory}/store.json (lm.generate --memory uses them by default)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if getattr(args, "max_tokens", None) is not None and args.max_tokens < 2:
+        raise ValueError(f"--max_tokens must be >= 2, got {args.max_tokens}")
+    if args.cmd == "build":
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise StoreError(f"--out {args.out} is a file; give a folder for the datastore")
+        if args.stride is not None and args.stride < 1:
+            raise ValueError(f"--stride must be >= 1, got {args.stride}")
+    else:
+        Datastore.open(args.memory)            # a bad store fails before the model is loaded
+    model, tok = load_model(args.model_dir, args.device)
+    corpus, tokens = _tokens(args, tok, args.model_dir)
+    if args.cmd == "build":
+        store = build_datastore(model, tokens, args.out, args.key_dtype, args.batch_size, args.stride,
+                                progress=not args.no_progress,
+                                info={"corpus": corpus, "split": args.split, "model_dir": args.model_dir})
+        m = store.meta
+        print(f"store: {len(store):,} positions x {store.dim} ({m['key_dtype']} keys), "
+              f"{store.bytes_per_position()} bytes/position, "
+              f"{len(store) * store.bytes_per_position() / 2**20:.1f} MiB in {args.out}")
+        print(f"built in {m['build_s']:.1f} s: {m['positions_per_s']:,.0f} positions/s")
         return 0
-    except (ValueError, FileNotFoundError, CorpusError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    store = Datastore.open(args.memory, model)
+    half = len(tokens) // 2
+    best = tune(model, store, tokens[:half], batch_size=args.batch_size)
+    ev = evaluate(model, store, tokens[half:], best["lambda"], best["k"], best["temperature"], args.batch_size)
+    print(f"held-out second half ({ev['positions']:,} positions): LM {ev['lm_loss']:.4f}, kNN-LM "
+          f"{ev['knn_loss']:.4f} ({ev['knn_loss'] - ev['lm_loss']:+.4f} nats)")
+    meta = dict(store.meta)
+    meta["tuned"] = {k: best[k] for k in ("lambda", "k", "temperature")} | {
+        "tune_loss": best["loss"], "eval_lm_loss": ev["lm_loss"], "eval_knn_loss": ev["knn_loss"]}
+    atomic_write_text(os.path.join(args.memory, "store.json"), json.dumps(meta, indent=1))
+    print(f"saved lambda={best['lambda']} k={best['k']} temperature={best['temperature']:.4g} in "
+          f"{args.memory}/store.json (lm.generate --memory uses them by default)")
+    return 0
 
 
 if __name__ == "__main__":

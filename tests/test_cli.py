@@ -429,3 +429,22 @@ def test_unwritable_home_trains_with_warnings(tmp_path, corpus):
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("warning: could not write the token cache") == 1
     assert (tmp_path / "o" / "model" / "model.safetensors").is_file()
+
+
+def test_export_and_knn_go_through_run_tool(tmp_path, capsys, monkeypatch):
+    from lm import export, knn
+    missing = str(tmp_path / "no-model")
+    one_error(capsys, export.main(["--format", "hf", "--model_dir", missing, "--out", str(tmp_path / "hf")]),
+              "no-model")
+    one_error(capsys, export.main(["--format", "hf", "--outtype", "q8_0", "--model_dir", missing,
+                                   "--out", str(tmp_path / "hf")]), "--outtype")
+    one_error(capsys, knn.main(["tune", "--model_dir", missing, "--memory", str(tmp_path / "no-store")]),
+              "no-store")
+
+    def broken(*a, **k):
+        raise TypeError("something inside broke")
+    monkeypatch.setattr(export, "export", broken)
+    one_error(capsys, export.main(["--format", "hf", "--model_dir", missing, "--out", str(tmp_path / "hf")]),
+              "TypeError")
+    with pytest.raises(TypeError):
+        export.main(["--format", "hf", "--model_dir", missing, "--out", str(tmp_path / "hf"), "--debug"])
