@@ -1,7 +1,7 @@
 """Knowledge distillation on Tiny Shakespeare: a small student with and without a teacher.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/distill.py --data /path/to/tinyshakespeare.txt
-        [--teacher_dir DIR] [--student 2x128] [--steps 400] [--seeds 0,1,2] [--kinds forward_kl,reverse_kl]
+        [--teacher_dir DIR] [--student 2x128] [--steps 300] [--seeds 0,1,2] [--kinds forward_kl,reverse_kl]
 
 The teacher is ``benchmarks/reference.py``'s model (4 layers x 4 heads x 256, 2000 steps, val
 loss 1.579; trained once and cached, reused here instead of training a 6 x 256 one). The
@@ -21,7 +21,7 @@ quality (teacher perplexity / student perplexity).
 
 Each run is cached under ``$LM_BENCH_DIR/distill-<hash>/`` (its lm.train folder), so an
 interrupted benchmark continues where it stopped. Writes ``results.json`` and ``report.md``
-there and prints the table. Timings on a shared machine are noisy: only ratios taken in one
+there (``-a<alpha>-T<temperature>``) and prints the table. Timings on a shared machine are noisy: only ratios taken in one
 process, alternately, are reported.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def student_overrides(args) -> list[str]:
 def run_student(args, root: str, teacher_dir: str, seed: int, kind: str | None, log=print) -> str:
     """Train one student (cached); returns its lm.train folder."""
     from lm.train import train
-    name = f"{kind or 'ce'}-s{seed}"
+    name = f"{kind}-a{args.alpha:g}-T{args.temperature:g}-s{seed}" if kind else f"ce-s{seed}"
     out = os.path.join(root, name)
     if os.path.isfile(os.path.join(out, "summary.json")):
         return out
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="path to tinyshakespeare.txt (default: the built-in name)")
     p.add_argument("--teacher_dir", default=None, help="teacher model folder (default: the reference model)")
     p.add_argument("--student", default="2x128", help="student shape LAYERSxWIDTH (4 heads)")
-    p.add_argument("--steps", type=int, default=400, help="training steps of every student")
+    p.add_argument("--steps", type=int, default=300, help="training steps of every student")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the students")
     p.add_argument("--warmup", type=int, default=40)
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     kinds = [k for k in args.kinds.split(",") if k.strip()]
     teacher_dir = args.teacher_dir or reference_model_dir(args.data)
-    key = hashlib.sha256(json.dumps([os.path.abspath(teacher_dir), student_overrides(args), args.alpha,
-                                     args.temperature]).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([os.path.abspath(teacher_dir), student_overrides(args)]).encode()).hexdigest()[:10]
     root = os.path.join(bench_dir(), f"distill-{key}")
     os.makedirs(root, exist_ok=True)
     print(f"teacher {teacher_dir}; runs under {root}")
@@ -143,7 +142,8 @@ def main(argv=None) -> int:
            "decode_tokens_per_s": speed, "decode_speedup": speed["student"] / speed["teacher"],
            "quality_pct": 100 * math.exp(teacher_loss - best), "train_wall_s": train_s,
            "wall_s": time.perf_counter() - t_start}
-    atomic_write_text(os.path.join(root, "results.json"), json.dumps(res, indent=1))
+    tag = f"a{args.alpha:g}-T{args.temperature:g}"
+    atomic_write_text(os.path.join(root, f"results-{tag}.json"), json.dumps(res, indent=1))
     lines = [f"Teacher {os.path.basename(os.path.dirname(teacher_dir))} (val loss {teacher_loss:.4f}, "
              f"perplexity {math.exp(teacher_loss):.3f}); student {args.student}, {args.steps} steps at batch "
              f"{args.batch_size}, lr {args.lr:g}; distillation alpha {args.alpha:g}, T {args.temperature:g}; "
@@ -160,10 +160,11 @@ def main(argv=None) -> int:
         f"| bytes (model.safetensors) | {tb:,} | {sb:,} | {res['bytes']['smaller_pct']:.1f}% smaller |",
         f"| decode tokens/s (batch 1, KV cache, greedy, median of {args.repeats}) | {speed['teacher']:.0f} | "
         f"{speed['student']:.0f} | {res['decode_speedup']:.2f}x faster |",
-        f"| perplexity | {math.exp(teacher_loss):.3f} | {math.exp(best):.3f} | {res['quality_pct']:.1f}% quality |",
+        f"| val perplexity (student: mean loss over the seeds) | {math.exp(teacher_loss):.3f} | {math.exp(best):.3f} | "
+        f"{res['quality_pct']:.1f}% quality |",
         "", f"Training {train_s:.0f} s (cached runs: 0), whole benchmark {res['wall_s']:.0f} s."]
     text = "\n".join(lines)
-    atomic_write_text(os.path.join(root, "report.md"), text + "\n")
+    atomic_write_text(os.path.join(root, f"report-{tag}.md"), text + "\n")
     print(text)
     return 0
 

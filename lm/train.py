@@ -314,8 +314,8 @@ def resume_settings(cfg: Config, saved: dict, given: set, ckpt_path: str, log=pr
     fine-tuning run (``train.init_from``) the model section, but ``model.dropout``, and
     ``data.tokenizer`` are set by the base (``lm.finetune.load_base``), not by the user: values
     given for them are overridden on every run, so they are not compared here either.
-    ``lora.merge`` (how ``model/`` is written) may change: given now, it wins; else the
-    checkpoint's is kept.
+    ``lora.merge`` (how ``model/`` is written) and the ``distill`` section may change: given now,
+    they win; else the checkpoint's are kept.
     """
     saved_train = saved.get("train", {})
     if cfg.train.init_from or saved_train.get("init_from"):
@@ -342,6 +342,10 @@ def resume_settings(cfg: Config, saved: dict, given: set, ckpt_path: str, log=pr
             else:
                 taken.append(f"{section}.{k}={v!r}")
             setattr(current, k, v)
+    for k, v in saved.get("distill", {}).items():   # distillation goes on as it started, unless given again
+        if hasattr(cfg.distill, k) and f"distill.{k}" not in given and getattr(cfg.distill, k) != v:
+            setattr(cfg.distill, k, v)
+            taken.append(f"distill.{k}={v!r}")
     if conflicts:
         raise ConfigError(f"--resume continues the run in {ckpt_path} with its own model and data, but "
                           f"these differ: {'; '.join(conflicts)}. Drop them to resume, or start a new run "

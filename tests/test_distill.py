@@ -286,3 +286,14 @@ def test_recovery_teacher_errors(root, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error:") and msg in err
         assert not os.path.exists(out)
+
+
+def test_resume_keeps_distilling_without_the_teacher_given_again(root, tmp_path):
+    out = tmp_path / "student"
+    common = ["--data", str(root / "corpus.txt"), "--output_dir", str(out), *TINY]
+    assert lt.main([*common, "--max_iters", "6", f"distill.teacher={root / 'model'}", "distill.kind=jsd"]) == 0
+    assert lt.main([*common, "--max_iters", "9", "--resume"]) == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    steps = [r for r in rows if r.get("kind") != "eval"]
+    assert [r["step"] for r in steps] == list(range(1, 10))
+    assert all("kd" in r for r in steps)
