@@ -194,6 +194,20 @@ def test_teacher_gets_no_gradients_and_no_optimizer_state(root):
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
+def test_teacher_runs_in_eval_mode_even_when_handed_a_training_model(root):
+    model, tok = _student(root)
+    model.config.dropout = 0.5
+    from minigrad.nn.layers import Dropout
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p = 0.5
+    model.train()
+    teacher = Teacher(model)
+    assert not model.training
+    x = np.random.default_rng(1).integers(0, tok.vocab_size, (2, 16))
+    np.testing.assert_array_equal(teacher.logits(x, x), teacher.logits(x, x))   # no dropout: deterministic
+
+
 def test_teacher_with_another_vocabulary_or_shorter_context_is_refused(root):
     from lm.tokenizer import build_tokenizer
     _, tok = _student(root)
