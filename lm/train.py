@@ -512,7 +512,8 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
     if dtype != np.float32:
         model.to(dtype=dtype)
     model.to(t_cfg.device)
-    opt = model.configure_optimizer(t_cfg.learning_rate, t_cfg.weight_decay, (t_cfg.beta1, t_cfg.beta2))
+    opt = model.configure_optimizer(t_cfg.learning_rate, t_cfg.weight_decay, (t_cfg.beta1, t_cfg.beta2),
+                                    optimizer=t_cfg.optimizer)
     sched = mg.optim.WarmupCosine(opt, t_cfg.warmup_iters, t_cfg.lr_decay_iters or t_cfg.max_iters,
                                   t_cfg.min_lr, base_lr=t_cfg.learning_rate)
     batch_rng = np.random.default_rng(t_cfg.seed)
