@@ -54,6 +54,7 @@ from minigrad.nn.lora import has_lora, load_lora_state_dict, lora_state_dict
 from .cli import ToolError, add_debug_flag, run_tool
 from .config import Config, ConfigError, ModelConfig, apply_overrides, keys_set_by, load_config, validate
 from .data import get_batch, prepare_data
+from .distill import load_teacher, make_step_loss, plain_loss
 from .finetune import ADAPTER, load_base, prepare_model, save_adapter_dir
 from .model import GPT
 from .probes import StepProbe
@@ -479,6 +480,9 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     if base is not None:   # adapters (lora.targets) and a quantized base are checked before the folder exists
         mg.manual_seed(t_cfg.seed)
         model = prepare_model(base, cfg, log)
+    # distillation (lm.distill): the teacher is loaded and checked against the student here, too
+    teacher = load_teacher(cfg.distill, data.tokenizer, m_cfg.block_size, m_cfg.vocab_size, t_cfg.device,
+                           log) if cfg.distill.teacher else None
 
     # checked: now the folder may be made (and is removed again if nothing gets saved)
     if overwrite and not resume and os.path.isdir(output_dir):
@@ -492,7 +496,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     saved = {"step": None}
     try:
         return _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir,
-                      metrics_path, memory, model, on_eval)
+                      metrics_path, memory, model, on_eval, make_step_loss(cfg.distill, teacher))
     except BaseException as e:
         if created and saved["step"] is None:
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -502,7 +506,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
 
 
 def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir, metrics_path,
-           memory=None, model=None, on_eval=None):
+           memory=None, model=None, on_eval=None, step_loss=plain_loss):
     t_cfg, m_cfg = cfg.train, cfg.model
     resume = ckpt is not None
     remove_stale_tmp(output_dir, log)
@@ -587,7 +591,7 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                 opt.set_lr(lr)
                 x, y = get_batch(data.train, t_cfg.batch_size, m_cfg.block_size, batch_rng)
                 probe.begin_step()
-                _, loss = model(_dev(x, cfg), _dev(y, cfg))
+                loss, terms = step_loss(model, _dev(x, cfg), _dev(y, cfg))   # lm.distill: CE (+ teacher's KD)
                 lossf = loss.item()
                 if not math.isfinite(lossf):
                     raise TrainingDiverged(
@@ -615,7 +619,8 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                     callback(step, lossf)
                 mlog.write(json.dumps({"step": step, "loss": lossf, "lr": lr, "grad_norm": gnorm,
                                        "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt,
-                                       "wall_s": wall_before + time.perf_counter() - t_start, **extra}) + "\n")
+                                       "wall_s": wall_before + time.perf_counter() - t_start, **terms,
+                                       **extra}) + "\n")
                 if first_step:   # compiles kernels on first use: not what the rate is about
                     pbar.exclude(dt)
                     first_step = False
