@@ -201,12 +201,15 @@ def build_form(recipe: Recipe, ref_dir: str, work: str, seed: int, data: str, qu
     """The folder of ``recipe`` applied to the reference with ``seed`` (cached stage by stage)."""
     src = ref_dir
     chain = []
-    for kind, spec in recipe.stages:
-        chain.append([kind, spec, seed if kind == "compress" else 0])
+    # a distillation is trained once: it and the stages before it run with seed 0, the rest with ``seed``
+    last = max([i for i, (k, _) in enumerate(recipe.stages) if k == "distill"], default=-1)
+    for i, (kind, spec) in enumerate(recipe.stages):
+        s = seed if i > last else 0
+        chain.append([kind, spec, s])
         out = os.path.join(work, f"{recipe.name}-{_key(ref_dir, chain)}")
         if kind == "compress":
-            log(f"  {recipe.name} seed {seed}: lm.compress {' '.join(spec)}")
-            src = _run_compress(src, spec, out, seed, data, quick)
+            log(f"  {recipe.name} seed {s}: lm.compress {' '.join(spec)}")
+            src = _run_compress(src, spec, out, s, data, quick)
         else:
             log(f"  {recipe.name}: distillation ({spec['kind']}, {spec['iters']} steps)")
             src = _run_distill(src, ref_dir, spec, out, data, quick)
