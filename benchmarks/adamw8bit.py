@@ -100,8 +100,11 @@ def measure_speed(cfg, steps: int, warmup: int = 5) -> dict:
             opt.step()
             opt_times[name].append(time.perf_counter() - t0)
     med = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    fast = {k: 1e3 * float(np.min(v)) for k, v in times.items()}
     omed = {k: 1e3 * float(np.median(v)) for k, v in opt_times.items()}
-    return {"ms_per_step": med, "ratio": med["adamw8bit"] / med["adamw"], "optimizer_ms": omed,
+    omin = {k: 1e3 * float(np.min(v)) for k, v in opt_times.items()}
+    return {"ms_per_step": med, "ratio": med["adamw8bit"] / med["adamw"], "ms_per_step_min": fast,
+            "ratio_min": fast["adamw8bit"] / fast["adamw"], "optimizer_ms": omed, "optimizer_ms_min": omin,
             "steps": steps}
 
 
@@ -147,8 +150,12 @@ def report(res: dict) -> str:
         lines.append(f"| training step (median of {s['steps']}, alternating) | {s['ms_per_step']['adamw']:.1f} ms | "
                      f"{s['ms_per_step']['adamw8bit']:.1f} ms | x{s['ratio']:.3f} | x1.1 or less: "
                      f"{'met' if s['ratio'] <= 1.1 else 'missed'} |")
-        lines.append(f"| optimizer step alone | {s['optimizer_ms']['adamw']:.2f} ms | "
-                     f"{s['optimizer_ms']['adamw8bit']:.2f} ms | x{s['optimizer_ms']['adamw8bit'] / s['optimizer_ms']['adamw']:.2f} | |")
+        lines.append(f"| training step, fastest of {s['steps']} | {s['ms_per_step_min']['adamw']:.1f} ms | "
+                     f"{s['ms_per_step_min']['adamw8bit']:.1f} ms | x{s['ratio_min']:.3f} | |")
+        om, on = s["optimizer_ms"], s["optimizer_ms_min"]
+        lines.append(f"| optimizer step alone, median (fastest) | {om['adamw']:.2f} ({on['adamw']:.2f}) ms | "
+                     f"{om['adamw8bit']:.2f} ({on['adamw8bit']:.2f}) ms | "
+                     f"x{om['adamw8bit'] / om['adamw']:.2f} (x{on['adamw8bit'] / on['adamw']:.2f}) | |")
     if "loss" in res:
         lo = res["loss"]
         seeds = sorted(lo["runs"]["adamw"])
