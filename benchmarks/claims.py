@@ -91,9 +91,9 @@ class Recipe:
 
 
 def recipes(quick: bool, data: str) -> dict:
-    fi = 8 if quick else 150           # Wanda's recovery fine-tune steps
-    di = 6 if quick else 300          # distillation steps (recovery of the structured model)
-    si = 8 if quick else 600          # distillation steps (the student from scratch)
+    fi = 8 if quick else 100           # Wanda's recovery fine-tune steps (batch 8)
+    di = 6 if quick else 200           # distillation steps (recovery of the structured model)
+    si = 8 if quick else 400           # distillation steps (the student from scratch)
     q4 = ["--quantize", "q4_0"]
     rs = [
         Recipe("q8_0", ("quantize",), [("compress", ["--quantize", "q8_0"])]),
@@ -101,7 +101,8 @@ def recipes(quick: bool, data: str) -> dict:
         Recipe("gptq4", ("quantize", "gptq"), [("compress", ["--quantize", "gptq", "--calib_data", data,
                                                              "--calib_batches", "2" if quick else "8"])]),
         Recipe("wanda50+q4_0", ("wanda", "finetune", "quantize"),
-               [("compress", ["--prune", "wanda", "--sparsity", "0.5", "--finetune_iters", str(fi), *q4])]),
+               [("compress", ["--prune", "wanda", "--sparsity", "0.5", "--finetune_iters", str(fi),
+                              "--finetune_batch_size", "8", *q4])]),
         Recipe("structured+distill+q4_0", ("structured", "distill", "quantize"),
                [("compress", ["--structured", "heads=0.34,mlp=0.5"]),
                 ("distill", {"kind": "recover", "iters": di}), ("compress", q4)]),
