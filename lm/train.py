@@ -322,7 +322,8 @@ def resume_settings(cfg: Config, saved: dict, given: set, ckpt_path: str, log=pr
         given = {k for k in given if not ((k.startswith("model.") and k != "model.dropout") or k == "data.tokenizer")}
     conflicts, taken = [], []
     sections = [(s, getattr(cfg, s), saved.get(s, {})) for s in ("model", "data", "lora")]
-    sections.append(("train", cfg.train, {"init_from": saved_train.get("init_from", "")}))
+    sections.append(("train", cfg.train, {"init_from": saved_train.get("init_from", ""),
+                                          "optimizer": saved_train.get("optimizer", "adamw")}))   # its state's form
     for section, current, old in sections:
         for k, v in old.items():
             if not hasattr(current, k) or k == "cache_dir":   # a cache location may move

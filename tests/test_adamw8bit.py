@@ -239,3 +239,15 @@ def test_config_rejects_an_unknown_optimizer(tmp_path, corpus, capsys):  # noqa:
     with pytest.raises(ValueError, match="valid: adamw, adamw8bit"):
         GPT(ModelConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=8)).configure_optimizer(
             1e-3, 0.1, (0.9, 0.99), optimizer="adam8")
+
+
+def test_resume_keeps_the_checkpoints_optimizer(tmp_path, corpus, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    base = ["--data", corpus, "--output_dir", str(out), "--seed", "3", *TINY, f"data.cache_dir={out}/cache",
+            "train.eval_interval=4"]
+    assert lt.main(base + ["--max_iters", "4"]) == 0                        # float32 AdamW
+    assert lt.main(base + ["--max_iters", "6", "--resume", "train.optimizer=adamw8bit"]) == 2
+    err = capsys.readouterr().err
+    assert "train.optimizer='adamw8bit' (the checkpoint has 'adamw')" in err
+    assert lt.main(base + ["--max_iters", "6", "--resume"]) == 0             # not given: the checkpoint's
+    assert not any(k.endswith("exp_avg_q") for k in load_file(str(out / "checkpoint.safetensors")))
