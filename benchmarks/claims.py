@@ -263,7 +263,7 @@ def measure_forms(ref_dir: str, forms: dict, data: str, seeds: int, args, log=pr
             pl = max(1, T // 8)
             new = max(1, min(args.decode_tokens, T - pl))
             dec = decode_speed({"reference": ref, "form": m}, [int(t) for t in val[start:start + pl]], new,
-                               1 if args.quick else 3)
+                               args.decode_repeats)
             pr = prompt_speed({"reference": ref, "form": m}, val[None, start:start + T].astype(np.int64))
             rows.append({"seed": s, "dir": d, "bytes": folder_bytes(d)["weights"],
                          "loss_ref": q["loss_before"], "loss": q["loss_after"],
@@ -534,6 +534,7 @@ def plot(res: dict, out_dir: str) -> dict:
 
 def run(args, log=print) -> dict:
     t0 = time.time()
+    fill_defaults(args)
     from lm.loader import read_config
     from benchmarks.reference import find_corpus
     data = find_corpus(args.data)
@@ -544,8 +545,9 @@ def run(args, log=print) -> dict:
         raise ClaimsError(f"--recipes: unknown recipe(s) {', '.join(unknown)}; valid: {', '.join(all_r)}")
     chosen = [all_r[n] for n in names]
     check_installed(chosen)
-    if args.seeds < 1:
-        raise ClaimsError(f"--seeds must be >= 1, got {args.seeds}")
+    for n in ("seeds", "eval_batches", "decode_repeats", "decode_tokens", "batch_size"):
+        if getattr(args, n) < 1:
+            raise ClaimsError(f"--{n} must be >= 1, got {getattr(args, n)}")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = sorted(set(parts) - {"forms", "training", "finetune", "inference"})
     if bad:
@@ -592,6 +594,9 @@ def run(args, log=print) -> dict:
     if "inference" in parts:
         log("inference memory")
         res["inference_memory"] = inference_memory(conf["model"])
+    if prev and "forms" in parts and "quality" in prev:   # recipes measured before and not now: theirs
+        for name, f in prev["quality"]["forms"].items():
+            res["quality"]["forms"].setdefault(name, f)
     if prev:
         for part, key in (("forms", "quality"), ("training", "training_memory"), ("finetune", "finetune_memory"),
                           ("inference", "inference_memory")):
@@ -610,6 +615,19 @@ def run(args, log=print) -> dict:
     return res
 
 
+def fill_defaults(args):
+    """The defaults that depend on --quick."""
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
+    if args.eval_batches is None:
+        args.eval_batches = 2 if args.quick else 12
+    if args.decode_repeats is None:
+        args.decode_repeats = 1 if args.quick else 3
+    if args.decode_tokens is None:
+        args.decode_tokens = 16 if args.quick else 128
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="Tiny Shakespeare text (default: the built-in name)")
@@ -621,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_batches", type=int, default=None, help="validation batches per quality figure")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per validation batch")
     p.add_argument("--decode_tokens", type=int, default=None, help="new tokens per decode-speed run")
+    p.add_argument("--decode_repeats", type=int, default=None,
+                   help="timed decode runs per seed, median (default 3; --quick: 1)")
     p.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results", "claims"))
     p.add_argument("--work_dir", default=None, help="where the compressed folders are cached")
     p.add_argument("--previous", default=None,
@@ -630,12 +650,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.seeds is None:
-        args.seeds = 1 if args.quick else 3
-    if args.eval_batches is None:
-        args.eval_batches = 2 if args.quick else 12
-    if args.decode_tokens is None:
-        args.decode_tokens = 16 if args.quick else 128
     try:
         run(args)
     except ClaimsError as e:
