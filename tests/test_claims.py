@@ -44,9 +44,12 @@ def test_quick_run_end_to_end(tiny):
     assert forms["q8_0"]["size_reduction"]["mean"] > 0.5
     assert forms["nf4"]["bytes"] < forms["q8_0"]["bytes"]
     assert forms["q8_0"]["ppl_ratio"]["mean"] == pytest.approx(1.0, abs=0.02)   # 8-bit barely changes the model
-    # the student has fewer layers and is narrower
+    # the student: half the width (64 -> 32), two thirds of the depth (2 -> 1); the structured
+    # model lost heads and MLP channels
     student = json.load(open(forms["student+q4_0"]["runs"][0]["dir"] + "/config.json"))["model"]
-    assert student["n_embd"] < 64 and student["n_layer"] < 2 or student["n_embd"] < 64
+    assert (student["n_embd"], student["n_layer"]) == (32, 1)
+    pruned = json.load(open(forms["structured+distill+q4_0"]["runs"][0]["dir"] + "/config.json"))["model"]
+    assert sum(pruned["layer_mlp"]) < 2 * 4 * 64 and sum(pruned["layer_heads"]) < 2 * 2
     # training memory: each technique lowers its own component
     tm = res["training_memory"]["variants"]
     base = tm["float32 AdamW"]
