@@ -537,7 +537,11 @@ def run(args, log=print) -> dict:
     fill_defaults(args)
     from lm.loader import read_config
     from benchmarks.reference import find_corpus
+    from lm.data import BUILTIN_CORPORA
     data = find_corpus(args.data)
+    if data not in BUILTIN_CORPORA and not os.path.exists(data):
+        raise ClaimsError(f"--data {data}: no such file or folder; pass the Tiny Shakespeare text "
+                          f"(or a built-in name: {', '.join(BUILTIN_CORPORA)})")
     all_r = recipes(args.quick, data)
     names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else list(all_r)
     unknown = [n for n in names if n not in all_r]

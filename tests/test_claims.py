@@ -83,6 +83,8 @@ def test_unknown_recipe_and_missing_technique_are_clear_errors(tiny, capsys, mon
     assert claims.main(_args(tiny, "--recipes", "q8_0,q3_k")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --recipes: unknown recipe(s) q3_k; valid: q8_0, nf4") and err.count("\n") == 1
+    assert claims.main(["--quick", "--model_dir", str(tiny / "model"), "--data", str(tiny / "nope.txt")]) == 2
+    assert "--data " in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "lm.distill", None)    # as if lm.distill were not installed
     out = tiny / "out-missing"
     assert claims.main(_args(tiny, "--recipes", "q8_0,student+q4_0", "--output_dir", str(out))) == 2
