@@ -90,6 +90,7 @@ class TrainConfig:
     log_memory: bool = False      # peak memory by category per step in metrics.jsonl, memory.png
     log_grad_stats: bool = False  # per-layer gradient norms and update/weight ratios, grad_flow.png
     init_from: str = ""           # a trained model folder to fine-tune (its weights, config, tokenizer)
+    optimizer: str = "adamw"      # "adamw" (float32 moments) or "adamw8bit" (block-wise 8-bit moments)
 
 
 @dataclass
@@ -129,6 +130,8 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+OPTIMIZERS = ("adamw", "adamw8bit")   # train.optimizer; lm.model.GPT.configure_optimizer builds them
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoRAConfig,
             "distill": DistillConfig}
@@ -349,6 +352,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= t.beta2 < 1.0, "train.beta2", "in [0, 1)", t.beta2)
     need(finite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 turns clipping off)", t.grad_clip)
     need(t.dtype in ("float32", "float64"), "train.dtype", "'float32' or 'float64'", t.dtype)
+    need(t.optimizer in OPTIMIZERS, "train.optimizer", " or ".join(repr(o) for o in OPTIMIZERS), t.optimizer)
     dev = str(t.device).lower()
     need(dev == "cpu" or dev == "cuda" or re.fullmatch(r"cuda:\d+", dev) is not None, "train.device",
          "'cpu' or 'cuda'", t.device)

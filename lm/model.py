@@ -349,8 +349,10 @@ class GPT(nn.Module):
             x = block(x, cache, i)
         return x
 
-    def configure_optimizer(self, lr: float, weight_decay: float, betas, eps: float = 1e-8):
-        """AdamW with decay on matrices only: biases and LayerNorm gains are not decayed."""
+    def configure_optimizer(self, lr: float, weight_decay: float, betas, eps: float = 1e-8,
+                            optimizer: str = "adamw"):
+        """AdamW with decay on matrices only: biases and LayerNorm gains are not decayed.
+        ``optimizer="adamw8bit"``: the same with block-wise 8-bit moments (minigrad.optim8bit)."""
         decay, no_decay = [], []
         for n, p in self.named_parameters():
             if not p.requires_grad:
@@ -358,7 +360,10 @@ class GPT(nn.Module):
             (decay if p.ndim >= 2 else no_decay).append((n, p))
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return mg.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        kinds = {"adamw": mg.optim.AdamW, "adamw8bit": mg.optim.AdamW8bit}
+        if optimizer not in kinds:
+            raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(kinds)}")
+        return kinds[optimizer]([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 
     @no_grad()
     def logits_last(self, idx, cache: KVCache | None = None):

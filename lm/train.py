@@ -324,7 +324,8 @@ def resume_settings(cfg: Config, saved: dict, given: set, ckpt_path: str, log=pr
         given = {k for k in given if not ((k.startswith("model.") and k != "model.dropout") or k == "data.tokenizer")}
     conflicts, taken = [], []
     sections = [(s, getattr(cfg, s), saved.get(s, {})) for s in ("model", "data", "lora")]
-    sections.append(("train", cfg.train, {"init_from": saved_train.get("init_from", "")}))
+    sections.append(("train", cfg.train, {"init_from": saved_train.get("init_from", ""),
+                                          "optimizer": saved_train.get("optimizer", "adamw")}))   # its state's form
     for section, current, old in sections:
         for k, v in old.items():
             if not hasattr(current, k) or k == "cache_dir":   # a cache location may move
@@ -522,7 +523,8 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
     if dtype != np.float32:
         model.to(dtype=dtype)
     model.to(t_cfg.device)
-    opt = model.configure_optimizer(t_cfg.learning_rate, t_cfg.weight_decay, (t_cfg.beta1, t_cfg.beta2))
+    opt = model.configure_optimizer(t_cfg.learning_rate, t_cfg.weight_decay, (t_cfg.beta1, t_cfg.beta2),
+                                    optimizer=t_cfg.optimizer)
     sched = mg.optim.WarmupCosine(opt, t_cfg.warmup_iters, t_cfg.lr_decay_iters or t_cfg.max_iters,
                                   t_cfg.min_lr, base_lr=t_cfg.learning_rate)
     batch_rng = np.random.default_rng(t_cfg.seed)

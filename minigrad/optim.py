@@ -267,3 +267,6 @@ class WarmupCosine:
         self.last_step = int(sd["last_step"]) - 1
         self.base_lr = float(sd["base_lr"])
         self.step()
+
+
+from .optim8bit import AdamW8bit  # noqa: E402,F401  (it builds on AdamW above)
