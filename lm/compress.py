@@ -146,8 +146,8 @@ def _run_merge_lora(model, ctx: Context):
 
 
 # --------------------------------------------------------------------------- pruning and low rank
-# Recovery fine-tuning uses plain cross-entropy (lm.recover): distillation from the unpruned
-# teacher belongs to the distillation issue, which has not landed.
+# Recovery fine-tuning (lm.recover) distils from the model as loaded, before pruning (or from
+# --finetune_teacher): --finetune_distill none for plain cross-entropy.
 def _needs_calib(ctx: Context, what: str) -> None:
     if not (ctx.args.data or ctx.args.calib_data):
         raise CompressError(f"{what} ranks weights by their activations and needs calibration text: "
@@ -293,6 +293,16 @@ def _check_finetune(ctx: Context) -> None:
     _float_source(ctx, "--finetune_iters")
     if a.finetune_lr <= 0:
         raise CompressError(f"--finetune_lr must be > 0, got {a.finetune_lr}")
+    if a.finetune_distill == "none":
+        return
+    if not 0.0 <= a.finetune_alpha <= 1.0:
+        raise CompressError(f"--finetune_alpha must be in [0, 1] (the weight of the cross-entropy), "
+                            f"got {a.finetune_alpha}")
+    if not 0 < a.finetune_temperature < float("inf"):
+        raise CompressError(f"--finetune_temperature must be a positive number, got {a.finetune_temperature}")
+    if a.finetune_teacher is not None and not os.path.isdir(a.finetune_teacher):
+        raise CompressError(f"--finetune_teacher {a.finetune_teacher} is not a folder: pass a model folder "
+                            f"(default: --model_dir, the model before pruning)")
 
 
 def _run_finetune(model, ctx: Context):
@@ -302,9 +312,24 @@ def _run_finetune(model, ctx: Context):
     if "sparse" in ctx.conf and not ctx.sections.get("sparse"):   # a pruned folder: keep its zeros
         restore_masks_(model)
         ctx.sections["sparse"] = ctx.conf["sparse"]
+    teacher, loss_name = None, "cross-entropy (no distillation)"
+    if a.finetune_distill != "none":   # the dense model, loaded again: the one being pruned has changed
+        from .config import ConfigError, DistillConfig
+        from .distill import load_teacher
+        dc = DistillConfig(teacher=a.finetune_teacher or ctx.model_dir, kind=a.finetune_distill,
+                           temperature=a.finetune_temperature, alpha=a.finetune_alpha)
+        try:
+            teacher = load_teacher(dc, ctx.tokenizer, model.config.block_size, model.config.vocab_size,
+                                   model.device, ctx.log)
+        except ConfigError as e:
+            raise CompressError(str(e).replace("distill.teacher=", "--finetune_teacher ")) from None
+        loss_name = (f"{a.finetune_alpha:g} * cross-entropy + {1 - a.finetune_alpha:g} * T^2 {a.finetune_distill} "
+                     f"from {dc.teacher} (T {a.finetune_temperature:g})")
     losses = finetune(model, ctx.corpus().train, a.finetune_iters, lr=a.finetune_lr,
-                      batch_size=a.finetune_batch_size, seed=a.seed, progress=a.progress)
-    ctx.done.append({"name": f"finetune {a.finetune_iters}", "loss": "cross-entropy (no distillation)",
+                      batch_size=a.finetune_batch_size, seed=a.seed, progress=a.progress, teacher=teacher,
+                      kind=a.finetune_distill, temperature=a.finetune_temperature, alpha=a.finetune_alpha)
+    del teacher
+    ctx.done.append({"name": f"finetune {a.finetune_iters}", "loss": loss_name,
                      "lr": a.finetune_lr, "first_loss": losses[0], "last_loss": losses[-1]})
     ctx.log(f"recovery fine-tune: {a.finetune_iters} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     return model
@@ -409,9 +434,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, default=None, help="factorize Linear layers by truncated SVD to this rank")
     g.add_argument("--energy", type=float, default=None, help="or: per layer, the rank keeping this share of sum(s^2)")
     g.add_argument("--finetune_iters", type=int, default=0,
-                   help="recovery fine-tune steps after pruning/factorizing (plain cross-entropy, on --data)")
+                   help="recovery fine-tune steps after pruning/factorizing (on --data; loss: --finetune_distill)")
     g.add_argument("--finetune_lr", type=float, default=3e-4, help="peak learning rate of the recovery fine-tune")
     g.add_argument("--finetune_batch_size", type=int, default=16, help="sequences per recovery step")
+    g.add_argument("--finetune_distill", default="forward_kl", choices=("none", "forward_kl", "reverse_kl", "jsd"),
+                   help="recovery loss: distillation from the unpruned model (lm.distill; default forward_kl), "
+                        "or none: plain cross-entropy")
+    g.add_argument("--finetune_teacher", default=None, metavar="DIR",
+                   help="the teacher of the recovery fine-tune (default: --model_dir, the model before pruning)")
+    g.add_argument("--finetune_alpha", type=float, default=0.5, help="weight of the cross-entropy in the recovery loss")
+    g.add_argument("--finetune_temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--merge_lora", action="store_true",
                    help="--model_dir is a LoRA adapter run: write base + adapter merged into one float model")
     r = p.add_argument_group("report")

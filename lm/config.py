@@ -1,7 +1,7 @@
 """Configuration: dataclasses with commented defaults, loaded from YAML, overridable by key=value.
 
-A YAML file has up to three sections, ``model``, ``data`` and ``train``, whose keys are
-the fields below. Overrides on the command line look like ``train.max_iters=200`` or,
+A YAML file has the sections ``model``, ``data``, ``train``, ``lora`` and ``distill``, whose
+keys are the fields below. Overrides on the command line look like ``train.max_iters=200`` or,
 when the key name is unique across sections, ``max_iters=200``. Every value is checked
 against the field's type; an unknown key is an error that lists the valid ones.
 """
@@ -116,19 +116,35 @@ class ProgressiveConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (lm.distill): the loss is
+    alpha * CE + (1 - alpha) * T^2 * D(teacher || student), averaged over tokens."""
+    teacher: str = ""            # a model folder (any kind lm.generate opens); "": no distillation
+    kind: str = "forward_kl"     # "forward_kl", "reverse_kl" (MiniLLM) or "jsd"
+    temperature: float = 1.0     # T: both softmaxes at T, the soft term scaled by T^2
+    alpha: float = 0.5           # weight of the cross-entropy on the data (1 - alpha: the teacher's)
+    teacher_device: str = ""     # where the teacher runs; "": the student's train.device
+
+
+DISTILL_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoRAConfig,
-            "progressive": ProgressiveConfig}
+            "progressive": ProgressiveConfig,
+            "distill": DistillConfig}
 
 
 def _field_types(cls) -> dict:
@@ -355,6 +371,7 @@ def validate(cfg: Config) -> None:
          "'cpu' or 'cuda'", t.device)
     _validate_lora(cfg)
     _validate_progressive(cfg)
+    _validate_distill(cfg)
 
 
 def _validate_progressive(cfg: Config) -> None:
@@ -392,6 +409,25 @@ def _validate_progressive(cfg: Config) -> None:
                          (t.log_memory or t.log_grad_stats, "train.log_memory / train.log_grad_stats")):
             if bad:
                 raise ConfigError(f"progressive.grow cannot be combined with {why}; remove one of them")
+
+
+
+def _validate_distill(cfg: Config) -> None:
+    dc = cfg.distill
+    if dc.kind not in DISTILL_KINDS:
+        raise ConfigError(f"distill.kind must be one of {', '.join(DISTILL_KINDS)}, got {dc.kind!r}")
+    if not (dc.temperature == dc.temperature and 0 < dc.temperature < float("inf")):
+        raise ConfigError(f"distill.temperature must be a positive number (1: the plain softmax), "
+                          f"got {dc.temperature!r}")
+    if not 0.0 <= dc.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha must be in [0, 1] (the weight of the cross-entropy on the data; "
+                          f"0: the teacher's soft targets only), got {dc.alpha!r}")
+    dev = str(dc.teacher_device).lower()
+    if dev and not (dev in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", dev)):
+        raise ConfigError(f"distill.teacher_device must be '', 'cpu' or 'cuda', got {dc.teacher_device!r}")
+    if dc.teacher and not os.path.isdir(dc.teacher):
+        raise ConfigError(f"distill.teacher={dc.teacher} is not a folder: pass the 'model' folder of a "
+                          f"trained run (it holds config.json and the weights)")
 
 
 def _validate_lora(cfg: Config) -> None:

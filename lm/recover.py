@@ -1,11 +1,16 @@
-"""Recovery fine-tuning after pruning or factorization: a few AdamW steps of plain cross-entropy.
+"""Recovery fine-tuning after pruning or factorization: a few AdamW steps, distilled from the dense model.
 
 ``finetune(model, tokens, iters)`` trains the compressed model on the training split for a
 few hundred steps so that the remaining weights make up for the removed ones. Pruning masks
 stay in force (``minigrad.prune``: gradients are masked and the optimizer re-applies the
 mask), so a 50% sparse model is still exactly 50% sparse afterwards, and a structured or
-low-rank model keeps its shapes. The loss is plain next-token cross-entropy: distillation from
-the uncompressed teacher is the distillation issue's and has not landed, so it is not used.
+low-rank model keeps its shapes.
+
+The loss is next-token cross-entropy, or, with ``teacher`` (an ``lm.distill.Teacher``: in
+``lm.compress``, the model as it was before pruning), ``lm.distill``'s
+alpha * CE + (1 - alpha) * T^2 * D(teacher || student): the compressed model is pulled back
+towards the dense model's whole next-token distribution, not only its top token, which is
+what the pruning recovery of Sheared-LLaMA and Minitron does.
 """
 from __future__ import annotations
 
@@ -17,15 +22,18 @@ import minigrad as mg
 from minigrad import backend
 
 from .data import get_batch
+from .distill import distill_loss
 
 
 def finetune(model, tokens: np.ndarray, iters: int, lr: float = 3e-4, batch_size: int = 16,
              weight_decay: float = 0.1, warmup: int = 10, grad_clip: float = 1.0, seed: int = 0,
-             progress: bool = False) -> list:
+             progress: bool = False, teacher=None, kind: str = "forward_kl", temperature: float = 1.0,
+             alpha: float = 0.5) -> list:
     """``iters`` AdamW steps on random windows of ``tokens``; returns the training losses.
 
     The learning rate warms up over ``warmup`` steps and decays by a cosine to lr / 10, the
-    schedule of ``lm.train`` over a short run."""
+    schedule of ``lm.train`` over a short run. With ``teacher`` (``lm.distill.Teacher``) the
+    loss is the distillation loss of ``kind``, ``temperature``, ``alpha`` (see lm.distill)."""
     if iters < 0:
         raise ValueError(f"finetune: iters must be >= 0, got {iters}")
     losses = []
@@ -46,7 +54,10 @@ def finetune(model, tokens: np.ndarray, iters: int, lr: float = 3e-4, batch_size
             x, y = get_batch(tokens, batch_size, block, rng)
             if dev != "cpu":
                 x, y = backend.to_device(x, dev), backend.to_device(y, dev)
-            _, loss = model(x, y)
+            logits, loss = model(x, y)
+            if teacher is not None:
+                loss, _ = distill_loss(logits, teacher.logits(x, y, like=logits.data), loss, kind, temperature,
+                                       alpha)
             lossf = loss.item()
             if not math.isfinite(lossf):
                 raise ValueError(f"recovery fine-tune diverged (loss {lossf}) at step {step}: try a lower lr")

@@ -55,6 +55,7 @@ from minigrad.nn.lora import has_lora, load_lora_state_dict, lora_state_dict
 from .cli import ToolError, add_debug_flag, run_tool
 from .config import Config, ConfigError, ModelConfig, apply_overrides, keys_set_by, load_config, validate
 from .data import get_batch, prepare_data
+from .distill import load_teacher, make_step_loss, plain_loss
 from .finetune import ADAPTER, load_base, prepare_model, save_adapter_dir
 from .model import GPT
 from .progressive import SeqlenSchedule, cut_batch, describe, grow_, layers_at
@@ -317,8 +318,8 @@ def resume_settings(cfg: Config, saved: dict, given: set, ckpt_path: str, log=pr
     fine-tuning run (``train.init_from``) the model section, but ``model.dropout``, and
     ``data.tokenizer`` are set by the base (``lm.finetune.load_base``), not by the user: values
     given for them are overridden on every run, so they are not compared here either.
-    ``lora.merge`` (how ``model/`` is written) may change: given now, it wins; else the
-    checkpoint's is kept.
+    ``lora.merge`` (how ``model/`` is written) and the ``distill`` section may change: given now,
+    they win; else the checkpoint's are kept.
     """
     saved_train = saved.get("train", {})
     if cfg.train.init_from or saved_train.get("init_from"):
@@ -345,6 +346,14 @@ def resume_settings(cfg: Config, saved: dict, given: set, ckpt_path: str, log=pr
             else:
                 taken.append(f"{section}.{k}={v!r}")
             setattr(current, k, v)
+    for k, v in saved.get("distill", {}).items():   # distillation goes on as it started, unless given again
+        if hasattr(cfg.distill, k) and f"distill.{k}" not in given and getattr(cfg.distill, k) != v:
+            setattr(cfg.distill, k, v)
+            taken.append(f"distill.{k}={v!r}")
+    for k, v in saved.get("progressive", {}).items():   # so do the seqlen warmup and the growth steps
+        if hasattr(cfg.progressive, k) and f"progressive.{k}" not in given and getattr(cfg.progressive, k) != v:
+            setattr(cfg.progressive, k, v)
+            taken.append(f"progressive.{k}={v!r}")
     if conflicts:
         raise ConfigError(f"--resume continues the run in {ckpt_path} with its own model and data, but "
                           f"these differ: {'; '.join(conflicts)}. Drop them to resume, or start a new run "
@@ -483,6 +492,9 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     if base is not None:   # adapters (lora.targets) and a quantized base are checked before the folder exists
         mg.manual_seed(t_cfg.seed)
         model = prepare_model(base, cfg, log)
+    # distillation (lm.distill): the teacher is loaded and checked against the student here, too
+    teacher = load_teacher(cfg.distill, data.tokenizer, m_cfg.block_size, m_cfg.vocab_size, t_cfg.device,
+                           log) if cfg.distill.teacher else None
 
     # checked: now the folder may be made (and is removed again if nothing gets saved)
     if overwrite and not resume and os.path.isdir(output_dir):
@@ -496,7 +508,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
     saved = {"step": None}
     try:
         return _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir,
-                      metrics_path, memory, model, on_eval)
+                      metrics_path, memory, model, on_eval, make_step_loss(cfg.distill, teacher))
     except BaseException as e:
         if created and saved["step"] is None:
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -506,7 +518,7 @@ def train(cfg: Config, output_dir: str, resume: bool = False, log=print, callbac
 
 
 def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, model_dir, metrics_path,
-           memory=None, model=None, on_eval=None):
+           memory=None, model=None, on_eval=None, step_loss=plain_loss):
     t_cfg, m_cfg = cfg.train, cfg.model
     resume = ckpt is not None
     remove_stale_tmp(output_dir, log)
@@ -609,7 +621,7 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                 x, y = cut_batch(x, y, seqlen)
                 tokens_per_step = t_cfg.batch_size * seqlen
                 probe.begin_step()
-                _, loss = model(_dev(x, cfg), _dev(y, cfg))
+                loss, terms = step_loss(model, _dev(x, cfg), _dev(y, cfg))   # lm.distill: CE (+ teacher's KD)
                 lossf = loss.item()
                 if not math.isfinite(lossf):
                     raise TrainingDiverged(
@@ -638,7 +650,8 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                 mlog.write(json.dumps({"step": step, "loss": lossf, "lr": lr, "grad_norm": gnorm,
                                        "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt,
                                        "seqlen": seqlen, "n_layer": model.config.n_layer,
-                                       "wall_s": wall_before + time.perf_counter() - t_start, **extra}) + "\n")
+                                       "wall_s": wall_before + time.perf_counter() - t_start, **terms,
+                                       **extra}) + "\n")
                 if first_step:   # compiles kernels on first use: not what the rate is about
                     pbar.exclude(dt)
                     first_step = False

@@ -205,7 +205,8 @@ def test_resume_across_growth_is_bitwise(tmp_path, corpus):
         lt.train(lt.resolve_config(a), str(part), callback=crash)
     from minigrad.io import load_metadata
     assert load_metadata(str(part / "checkpoint.safetensors"))["n_layer"] == "2"
-    assert lt.main(args(corpus, part, *common, "--resume")) == 0
+    # resumed without repeating the progressive settings: the checkpoint's go on (the second growth too)
+    assert lt.main(args(corpus, part, "train.eval_interval=3", "--resume")) == 0
     x, y = load_file(str(full / "checkpoint.safetensors")), load_file(str(part / "checkpoint.safetensors"))
     assert x.keys() == y.keys() and any(".h.2." in k for k in x)
     for k in x:
