@@ -182,34 +182,36 @@ def warm_up_kernels(data: str) -> None:
         train(cfg, os.path.join(tmp, "w"), log=lambda m: None)
 
 
-def figure(res: dict, png: str, steps: int) -> None:
+def figure(res: dict, png: str, steps: int, costs: dict) -> None:
+    """(a), (c): val loss against side-by-side step time (load-free); (b): batch loss against step."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(15, 4.2))
     a1, a2, a3 = fig.subplots(1, 3)
-    for name, style in (("baseline", "s-"), ("seqlen", "o-")):
-        c = np.array(res[name]["curve"])
-        a1.plot(c[1:, 1], c[1:, 2], style, ms=3, label=name)
+    def xy(name):
+        c = res[name]["curve"][1:]
+        return [modeled_time(res[name]["rows"], costs, s) for s, _, _ in c], [v for _, _, v in c]
+    for name, style in (("baseline", "s-"), ("seqlen", "o-"), ("seqlen_3x", "^-")):
+        a1.plot(*xy(name), style, ms=3, label=name if name != "seqlen_3x" else f"seqlen at lr {3 * LR:g}")
     a1.axhline(res["baseline"]["final_val"], color="gray", ls=":", lw=1, label="baseline final")
-    a1.set_xlabel("training time (s, evaluations excluded)")
+    a1.set_xlabel("side-by-side step time (s)")
     a1.set_ylabel("val loss")
     a1.set_title("(a) sequence-length warmup")
-    for name in ("baseline_3x", "seqlen_3x"):
+    for name in ("baseline", "baseline_3x", "seqlen_3x"):
         rows = [r for r in res[name]["rows"] if r.get("kind") != "eval"]
         loss = np.array([r["loss"] for r in rows])
         k = 20
         if len(loss) > k:
-            a2.plot(np.arange(k, len(loss) + 1), np.convolve(loss, np.ones(k) / k, mode="valid"), label=name)
+            a2.plot(np.arange(k, len(loss) + 1), np.convolve(loss, np.ones(k) / k, mode="valid"),
+                    label=f"{name} (lr {LR:g})" if name == "baseline" else name, lw=1 if name == "baseline" else 1.5,
+                    ls=":" if name == "baseline" else "-")
     a2.set_xlabel("step")
     a2.set_ylabel("batch loss (20-step mean)")
     a2.set_title(f"(b) learning rate {3 * LR:g} (3x)")
     for name, style in (("baseline", "s-"), ("grown", "o-")):
-        c = np.array(res[name]["curve"])
-        a3.plot(c[1:, 1], c[1:, 2], style, ms=3, label="4 layers from scratch" if name == "baseline" else "2 -> 4 layers")
-    g = res["grown"].get("grow_time")
-    if g is not None:
-        a3.axvline(g, color="k", ls="--", lw=0.8, label="grown")
+        a3.plot(*xy(name), style, ms=3, label="4 layers from scratch" if name == "baseline" else "2 -> 4 layers")
+    a3.axvline(modeled_time(res["grown"]["rows"], costs, steps // 2), color="k", ls="--", lw=0.8, label="grown")
     a3.axhline(res["baseline"]["final_val"], color="gray", ls=":", lw=1)
-    a3.set_xlabel("training time (s, evaluations excluded)")
+    a3.set_xlabel("side-by-side step time (s)")
     a3.set_title("(c) growth by stacking")
     for a in (a1, a2, a3):
         a.grid(alpha=0.3)
@@ -251,11 +253,6 @@ def main(argv=None) -> int:
             r = train_run(name, runs(args.steps)[name], args.steps, args.data, root, max_iters=longer)
             rows = read_metrics(os.path.join(r["dir"], "metrics.jsonl"))
             res[name].update(rows=rows, curve=eval_curve(rows))
-    grow_step = args.steps // 2
-    # the growth line on training-time axes: the training time of the evaluation at the growth step
-    for step, t, _ in res["grown"]["curve"]:
-        if step == grow_step:
-            res["grown"]["grow_time"] = t
     base_t = res["baseline"]["time"]
     keys = sorted({(r.get("n_layer", 4), r.get("seqlen", 256)) for v in res.values() for r in v["rows"]
                    if r.get("kind") != "eval"})
@@ -294,7 +291,7 @@ def main(argv=None) -> int:
         out[name].update(diverged=d, spike=sp)
     table = "\n".join(lines)
     png = os.path.join(args.output_dir, "progressive.png")
-    figure(res, png, args.steps)
+    figure(res, png, args.steps, costs)
     with open(os.path.join(args.output_dir, "progressive.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
     print(table)
