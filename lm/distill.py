@@ -17,7 +17,8 @@ averaged over every position of the batch, N = B * T rows: PyTorch's ``kl_div(..
 reduction="batchmean")`` on logits reshaped to (N, V), not ``reduction="mean"`` (which also
 divides by V) and not a sum over positions (which grows with the sequence length). CE is the
 usual mean over the same N positions, so both terms are "nats per token" and ``alpha`` mixes
-like with like; the loss does not change with B or T. The ``T^2`` factor keeps the soft term's
+like with like; the loss does not change with B or T. Every position counts (lm.train's
+batches have no padding, so there is no ignore_index here). The ``T^2`` factor keeps the soft term's
 gradient, which scales as 1/T, at the size of CE's whatever the temperature: for forward KL,
 d loss / d s = T (q - p) / N per position (times 1 - alpha).
 

@@ -7,7 +7,8 @@ What a run writes under ``output_dir``:
 - ``checkpoint.safetensors``: the last save, for ``--resume``: weights, optimizer state and,
   in its metadata, the step, the random states and the config. One file written
   atomically, so a run killed at any moment resumes from its last save;
-- ``metrics.jsonl``: one JSON line per step (and one per evaluation);
+- ``metrics.jsonl``: one JSON line per step (and one per evaluation); with distillation
+  (``distill.teacher``, lm.distill) a step's ``loss`` is the mixed loss and ``ce``, ``kd`` its terms;
 - ``loss.png``: the loss curves and gradient norms.
 
 Rules of the command line (``main``), checked before any folder is created or any step runs:

@@ -311,3 +311,17 @@ def test_resume_keeps_distilling_without_the_teacher_given_again(root, tmp_path)
     steps = [r for r in rows if r.get("kind") != "eval"]
     assert [r["step"] for r in steps] == list(range(1, 10))
     assert all("kd" in r for r in steps)
+
+
+@pytest.mark.parametrize("flags", [["--quantize", "q8_0"], ["--prune", "magnitude", "--sparsity", "0.5"]])
+def test_a_quantized_or_pruned_folder_is_a_teacher(root, tmp_path, flags):
+    out = tmp_path / "teacher"
+    assert lc.main(["--model_dir", str(root / "model"), "--output_dir", str(out), "--no_report", "--no_progress",
+                    *flags]) == 0
+    student, tok = _student(root)
+    teacher = load_teacher(DistillConfig(teacher=str(out)), tok, 16, tok.vocab_size, log=lambda *a: None)
+    x = np.random.default_rng(2).integers(0, tok.vocab_size, (2, 16))
+    loss, terms = make_step_loss(DistillConfig(), teacher)(student, x, x)
+    loss.backward()
+    assert teacher.logits(x, x).shape == (2, 16, tok.vocab_size) and terms["kd"] > 0
+    assert all(p.grad is None for p in teacher.model.parameters())
