@@ -11,6 +11,10 @@ What a run writes under ``output_dir``:
   (``distill.teacher``, lm.distill) a step's ``loss`` is the mixed loss and ``ce``, ``kd`` its terms;
 - ``loss.png``: the loss curves and gradient norms.
 
+Progressive training (``progressive:``, lm.progressive): each step row also has ``seqlen`` (the
+length its batch was cut to) and ``n_layer`` (the depth it trained at); growth steps are dashed
+lines on ``loss.png``; the checkpoint's ``n_layer`` metadata is the current depth.
+
 Rules of the command line (``main``), checked before any folder is created or any step runs:
 
 - every value is validated (``lm.config.validate``), the corpus is read and the device found;
