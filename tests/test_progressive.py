@@ -150,6 +150,8 @@ def test_metrics_loss_png_and_model_folder(tmp_path, corpus):
     assert [r["n_layer"] for r in steps] == [1] * 4 + [2] * 4 + [3] * 4
     assert [r["seqlen"] for r in steps] == [seqlen_at(r["step"] - 1, 8, 32, 10, 8) for r in steps]
     assert steps[0]["seqlen"] == 8 and steps[-1]["seqlen"] == 32
+    # the learning-rate schedule continues through growth: the cosine of a run without it
+    assert [r["lr"] for r in steps] == [mg.optim.cosine_lr(r["step"] - 1, 1e-3, 2, 12, 1e-4) for r in steps]
     cfg = json.loads((out / "model" / "config.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     ck = load_file(str(out / "checkpoint.safetensors"))
@@ -176,13 +178,22 @@ def test_no_marks_without_growth(tmp_path, corpus):
 
 def test_warmup_cuts_the_baseline_batches(tmp_path, corpus, monkeypatch):
     """Same windows as without warmup (same generator), only their first L tokens."""
-    seen = {}
-    real = lt.cut_batch
+    seen, trained = {}, {}
+    real, real_loss = lt.cut_batch, lt.make_step_loss
 
     def spy(x, y, length):
         seen.setdefault(tag, []).append((x.copy(), length))
         return real(x, y, length)
+
+    def spy_loss(*a, **k):   # what the model is actually given
+        fn = real_loss(*a, **k)
+
+        def step_loss(model, x, y):
+            trained.setdefault(tag, []).append((x.shape, y.shape))
+            return fn(model, x, y)
+        return step_loss
     monkeypatch.setattr(lt, "cut_batch", spy)
+    monkeypatch.setattr(lt, "make_step_loss", spy_loss)
     for tag in ("base", "warm"):
         extra = WARM if tag == "warm" else []
         assert lt.main(args(corpus, tmp_path / tag, "train.eval_interval=12", *extra)) == 0
@@ -190,6 +201,8 @@ def test_warmup_cuts_the_baseline_batches(tmp_path, corpus, monkeypatch):
     for (xb, lb), (xw, lw) in zip(seen["base"], seen["warm"]):
         assert np.array_equal(xb, xw) and lb == 32 and xw.shape[1] == 32
     assert [lw for _, lw in seen["warm"]][:3] == [8, 8, 8]
+    assert trained["warm"] == [((4, seqlen_at(s, 8, 32, 10, 8)),) * 2 for s in range(12)]
+    assert trained["base"] == [((4, 32),) * 2] * 12
 
 
 def test_resume_across_growth_is_bitwise(tmp_path, corpus):
