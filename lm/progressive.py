@@ -32,7 +32,7 @@ loss jumps up for a few steps and then falls below the shallow model's. Embeddin
 LayerNorm and the head are kept. The optimizer's state (AdamW's ``exp_avg``, ``exp_avg_sq``
 and per-parameter step) is copied from the source block too, so a new block continues where
 its source was instead of starting Adam over with a bias-corrected first step; the learning
-rate schedule simply continues (``grow_`` changes neither the step nor the schedule).
+rate schedule simply continues (``grow_stack`` changes neither the step nor the schedule).
 
 **Batch-size warmup** is not implemented: DeepSpeed's paper found the seqlen warmup more stable
 than batch-size warmup and advises against using both (both shrink the tokens per step).
@@ -122,7 +122,7 @@ def _source_name(name: str, n_old: int) -> str:
     return f"transformer.h.{source_layer(int(m.group(1)), n_old)}.{m.group(2)}" if m else name
 
 
-def grow_(model: GPT, opt, n_layer: int, make_optimizer):
+def grow_stack(model: GPT, opt, n_layer: int, make_optimizer):
     """Grow ``model`` to ``n_layer`` blocks by stacking; returns ``(new_model, new_optimizer)``.
 
     ``make_optimizer(model)`` builds the optimizer of the new model (``lm.train`` passes
@@ -130,11 +130,12 @@ def grow_(model: GPT, opt, n_layer: int, make_optimizer):
     learning rate, step count and, for every parameter, the state of the parameter it was
     copied from (arrays copied, so blocks that share a source do not share moments). A model
     cannot grow in place (its ModuleList and the optimizer's groups are fixed), hence the new
-    objects; the trailing underscore says the old ones are not to be used afterwards.
+    objects (not a surgery function with a trailing underscore: ``model`` and ``opt`` are left as
+    they were, and the caller carries on with the returned pair).
     """
     n_old = model.config.n_layer
     if n_layer <= n_old:
-        raise ValueError(f"grow_: n_layer must be larger than the model's {n_old}, got {n_layer}")
+        raise ValueError(f"grow_stack: n_layer must be larger than the model's {n_old}, got {n_layer}")
     new_cfg = dataclasses.replace(model.config, n_layer=n_layer)
     sd = model.state_dict()
     rng = backend.get_rng_state(np)    # the new model's random init is overwritten: draw nothing

@@ -63,7 +63,7 @@ from .data import get_batch, prepare_data
 from .distill import load_teacher, make_step_loss, plain_loss
 from .finetune import ADAPTER, load_base, prepare_model, save_adapter_dir
 from .model import GPT
-from .progressive import SeqlenSchedule, cut_batch, describe, grow_, layers_at
+from .progressive import SeqlenSchedule, cut_batch, describe, grow_stack, layers_at
 from .probes import StepProbe
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -581,7 +581,7 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                 is_last = step >= t_cfg.max_iters
                 n_grow = layers_at(step, m_cfg.n_layer, cfg.progressive.grow)
                 if not is_last and model.config.n_layer < n_grow:   # progressive.grow: G_stack, before step `step`
-                    model, opt = grow_(model, opt, n_grow, lambda m: m.configure_optimizer(
+                    model, opt = grow_stack(model, opt, n_grow, lambda m: m.configure_optimizer(
                         t_cfg.learning_rate, t_cfg.weight_decay, (t_cfg.beta1, t_cfg.beta2)))
                     sched.opt = opt   # the schedule continues: lr_at(step) as before
                     log(f"step {step}: grew the model to {n_grow} layers ({model.num_params() / 1e6:.2f}M parameters)")

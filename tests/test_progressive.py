@@ -12,7 +12,7 @@ import minigrad as mg
 from lm import train as lt
 from lm.config import ModelConfig
 from lm.model import GPT
-from lm.progressive import SCHEDULES, cut_batch, discrete_lengths, grow_, layers_at, seqlen_at
+from lm.progressive import SCHEDULES, cut_batch, discrete_lengths, grow_stack, layers_at, seqlen_at
 
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
         "train.batch_size=4", "train.eval_iters=2", "train.warmup_iters=2", "train.progress=false",
@@ -96,7 +96,7 @@ def test_grow_copies_the_stack_and_its_optimizer_state():
     m, opt, x = _trained_pair()
     make = lambda model: model.configure_optimizer(1e-2, 0.1, (0.9, 0.99))  # noqa: E731
     rng_before = mg.backend.get_rng_state(np)
-    new, new_opt = grow_(m, opt, 5, make)
+    new, new_opt = grow_stack(m, opt, 5, make)
     assert mg.backend.get_rng_state(np) == rng_before   # growth draws no random numbers
     assert new.config.n_layer == 5 and len(new.transformer.h) == 5 and m.config.n_layer == 2
     old_sd, new_sd = m.state_dict(), new.state_dict()
@@ -139,7 +139,7 @@ def test_grow_copies_the_stack_and_its_optimizer_state():
 def test_grow_must_add_layers():
     m, opt, _ = _trained_pair()
     with pytest.raises(ValueError, match="larger"):
-        grow_(m, opt, 2, lambda model: model.configure_optimizer(1e-2, 0.1, (0.9, 0.99)))
+        grow_stack(m, opt, 2, lambda model: model.configure_optimizer(1e-2, 0.1, (0.9, 0.99)))
 
 
 # --------------------------------------------------------------------------- in lm.train
