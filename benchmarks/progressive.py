@@ -235,6 +235,9 @@ def main(argv=None) -> int:
     if args.steps < 200 or args.steps % 100:
         print("error: --steps must be a multiple of 100, at least 200", file=sys.stderr)
         return 2
+    if args.data is not None and not os.path.exists(args.data):
+        print(f"error: --data {args.data} does not exist; pass the path of tinyshakespeare.txt", file=sys.stderr)
+        return 2
     key = hashlib.sha256(json.dumps([BASE, runs(args.steps), LR]).encode()).hexdigest()[:10]
     root = os.path.join(bench_dir(), f"progressive-{key}")
     os.makedirs(args.output_dir, exist_ok=True)
