@@ -106,6 +106,17 @@ class LoRAConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """Sequence-length warmup and growth by stacking (lm.progressive has the semantics)."""
+    seqlen_start: int = 0        # 0: off; else the first training length (a multiple of seqlen_step)
+    seqlen_step: int = 8         # every length is a multiple of this (DeepSpeed's difficulty_step)
+    total_steps: int = 0         # full block_size from this step on
+    schedule: str = "linear"     # "linear", "root" (root_degree) or "discrete" (doubling stages)
+    root_degree: float = 2.0     # "root": length grows as (step / total_steps) ** (1 / root_degree)
+    grow: typing.List[dict] = field(default_factory=list)  # [{at: 500, n_layer: 4}, ...]: G_stack growth
+
+
+@dataclass
 class DistillConfig:
     """Knowledge distillation from a frozen teacher (lm.distill): the loss is
     alpha * CE + (1 - alpha) * T^2 * D(teacher || student), averaged over tokens."""
@@ -125,6 +136,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
@@ -134,6 +146,7 @@ class Config:
 OPTIMIZERS = ("adamw", "adamw8bit")   # train.optimizer; lm.model.GPT.configure_optimizer builds them
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoRAConfig,
+            "progressive": ProgressiveConfig,
             "distill": DistillConfig}
 
 
@@ -169,6 +182,10 @@ def _check_value(where: str, tp, value):
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif origin is list and typing.get_args(tp) == (dict,):   # a YAML list of mappings, checked by validate
+        if isinstance(value, list):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list of mappings (e.g. [{{at: 500, n_layer: 4}}]), got {value!r}")
     elif origin is list:   # a YAML list, or "a,b" on the command line
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -357,7 +374,46 @@ def validate(cfg: Config) -> None:
     need(dev == "cpu" or dev == "cuda" or re.fullmatch(r"cuda:\d+", dev) is not None, "train.device",
          "'cpu' or 'cuda'", t.device)
     _validate_lora(cfg)
+    _validate_progressive(cfg)
     _validate_distill(cfg)
+
+
+def _validate_progressive(cfg: Config) -> None:
+    p, m, t = cfg.progressive, cfg.model, cfg.train
+    if p.seqlen_step <= 0:
+        raise ConfigError(f"progressive.seqlen_step must be a positive integer, got {p.seqlen_step}")
+    if p.schedule not in ("linear", "root", "discrete"):
+        raise ConfigError(f"progressive.schedule must be 'linear', 'root' or 'discrete', got {p.schedule!r}")
+    if not (p.root_degree == p.root_degree and p.root_degree >= 1):
+        raise ConfigError(f"progressive.root_degree must be >= 1 (2: square root), got {p.root_degree}")
+    if p.seqlen_start < 0:
+        raise ConfigError(f"progressive.seqlen_start must be >= 0 (0: no sequence-length warmup), got {p.seqlen_start}")
+    if p.seqlen_start:
+        if p.seqlen_start > m.block_size:
+            raise ConfigError(f"progressive.seqlen_start={p.seqlen_start} is larger than model.block_size="
+                              f"{m.block_size}: the warmup starts shorter than the full length")
+        if p.seqlen_start % p.seqlen_step:
+            raise ConfigError(f"progressive.seqlen_step={p.seqlen_step} does not divide progressive.seqlen_start="
+                              f"{p.seqlen_start}: every length is a multiple of the step")
+        if m.block_size % p.seqlen_step:
+            raise ConfigError(f"progressive.seqlen_step={p.seqlen_step} does not divide model.block_size="
+                              f"{m.block_size}: every length, the full one included, is a multiple of the step")
+        if p.total_steps <= 0:
+            raise ConfigError(f"progressive.total_steps must be positive with progressive.seqlen_start (the step "
+                              f"from which the full length is used), got {p.total_steps}")
+    elif p.total_steps < 0:
+        raise ConfigError(f"progressive.total_steps must be >= 0, got {p.total_steps}")
+    from .progressive import check_grow
+    p.grow = check_grow(p.grow, m.n_layer)
+    if p.grow:
+        for bad, why in ((m.share_layers, "model.share_layers (shared blocks)"),
+                         (m.layer_heads is not None or m.layer_mlp is not None,
+                          "model.layer_heads / layer_mlp (per-layer widths)"),
+                         (t.init_from, "train.init_from (fine-tuning keeps the base's depth)"),
+                         (t.log_memory or t.log_grad_stats, "train.log_memory / train.log_grad_stats")):
+            if bad:
+                raise ConfigError(f"progressive.grow cannot be combined with {why}; remove one of them")
+
 
 
 def _validate_distill(cfg: Config) -> None:

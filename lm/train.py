@@ -11,6 +11,10 @@ What a run writes under ``output_dir``:
   (``distill.teacher``, lm.distill) a step's ``loss`` is the mixed loss and ``ce``, ``kd`` its terms;
 - ``loss.png``: the loss curves and gradient norms.
 
+Progressive training (``progressive:``, lm.progressive): each step row also has ``seqlen`` (the
+length its batch was cut to) and ``n_layer`` (the depth it trained at); growth steps are dashed
+lines on ``loss.png``; the checkpoint's ``n_layer`` metadata is the current depth.
+
 Rules of the command line (``main``), checked before any folder is created or any step runs:
 
 - every value is validated (``lm.config.validate``), the corpus is read and the device found;
@@ -35,6 +39,7 @@ holds the adapter and its optimizer state only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +64,7 @@ from .data import get_batch, prepare_data
 from .distill import load_teacher, make_step_loss, plain_loss
 from .finetune import ADAPTER, load_base, prepare_model, save_adapter_dir
 from .model import GPT
+from .progressive import SeqlenSchedule, cut_batch, describe, grow_stack, layers_at
 from .probes import StepProbe
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -166,6 +172,7 @@ def save_checkpoint(path: str, model: GPT, opt, step: int, batch_rng, best_val: 
         "optim_groups": json.dumps(sd["param_groups"]),
         "optim_step_count": str(sd["step_count"]),
         "config": json.dumps(cfg.to_dict()),
+        "n_layer": str(model.config.n_layer),   # progressive.grow: the depth now (the config has the first)
         **({"init_from": json.dumps(model.init_from)} if hasattr(model, "init_from") else {}),
     }
     save_file(tensors, path, meta)
@@ -226,8 +233,9 @@ def save_model_dir(model_dir: str, model: GPT, tokenizer, cfg: Config, extra: di
     os.makedirs(model_dir, exist_ok=True)
     save_file(model.state_dict(), os.path.join(model_dir, "model.safetensors"),
               {"format": "minigrad-gpt", **({k: json.dumps(v) for k, v in (extra or {}).items()})})
+    m_cfg = model.config if isinstance(getattr(model, "config", None), ModelConfig) else cfg.model   # grown: its depth
     atomic_write_text(os.path.join(model_dir, "config.json"),
-                      json.dumps({"model": asdict(cfg.model), "data": asdict(cfg.data)}, indent=2))
+                      json.dumps({"model": asdict(m_cfg), "data": asdict(cfg.data)}, indent=2))
     tokenizer.save(os.path.join(model_dir, "tokenizer.json"))
     # an adapter of an earlier save (a resumed run that now merges) would be a second model here
     stale = os.path.join(model_dir, ADAPTER)
@@ -349,6 +357,10 @@ def resume_settings(cfg: Config, saved: dict, given: set, ckpt_path: str, log=pr
         if hasattr(cfg.distill, k) and f"distill.{k}" not in given and getattr(cfg.distill, k) != v:
             setattr(cfg.distill, k, v)
             taken.append(f"distill.{k}={v!r}")
+    for k, v in saved.get("progressive", {}).items():   # so do the seqlen warmup and the growth steps
+        if hasattr(cfg.progressive, k) and f"progressive.{k}" not in given and getattr(cfg.progressive, k) != v:
+            setattr(cfg.progressive, k, v)
+            taken.append(f"progressive.{k}={v!r}")
     if conflicts:
         raise ConfigError(f"--resume continues the run in {ckpt_path} with its own model and data, but "
                           f"these differ: {'; '.join(conflicts)}. Drop them to resume, or start a new run "
@@ -520,6 +532,16 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
     if model is None:   # a fine-tuning run's model comes prepared (train: prepare_model)
         mg.manual_seed(t_cfg.seed)
         model = GPT(m_cfg)
+    # progressive (lm.progressive): seqlen warmup cuts the batches; a run that grew resumes at its depth
+    seqlen_of = SeqlenSchedule(cfg.progressive, m_cfg.block_size)
+    if resume and int(ckpt[1].get("n_layer", m_cfg.n_layer)) != m_cfg.n_layer:
+        n_now, at = int(ckpt[1]["n_layer"]), int(ckpt[1]["step"])
+        if n_now > layers_at(at, m_cfg.n_layer, cfg.progressive.grow):
+            raise ConfigError(f"--resume: the checkpoint's model has grown to {n_now} layers by step {at}, but "
+                              f"progressive.grow={cfg.progressive.grow} gives fewer then; restore its growth steps")
+        model = GPT(dataclasses.replace(m_cfg, n_layer=n_now))
+    if seqlen_of.enabled or cfg.progressive.grow:
+        log(describe(cfg.progressive, m_cfg.block_size))
     if dtype != np.float32:
         model.to(dtype=dtype)
     model.to(t_cfg.device)
@@ -563,6 +585,12 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
         with open(metrics_path, "a", encoding="utf-8") as mlog, probe:
             while True:
                 is_last = step >= t_cfg.max_iters
+                n_grow = layers_at(step, m_cfg.n_layer, cfg.progressive.grow)
+                if not is_last and model.config.n_layer < n_grow:   # progressive.grow: G_stack, before step `step`
+                    model, opt = grow_stack(model, opt, n_grow, lambda m: m.configure_optimizer(
+                        t_cfg.learning_rate, t_cfg.weight_decay, (t_cfg.beta1, t_cfg.beta2)))
+                    sched.opt = opt   # the schedule continues: lr_at(step) as before
+                    log(f"step {step}: grew the model to {n_grow} layers ({model.num_params() / 1e6:.2f}M parameters)")
                 if step % t_cfg.eval_interval == 0 or is_last:
                     t_eval = time.perf_counter()
                     losses = estimate_loss(model, data, cfg, eval_seed)
@@ -600,6 +628,9 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                 lr = sched.lr_at(step)
                 opt.set_lr(lr)
                 x, y = get_batch(data.train, t_cfg.batch_size, m_cfg.block_size, batch_rng)
+                seqlen = seqlen_of(step)   # progressive: full windows drawn (same data stream), then cut
+                x, y = cut_batch(x, y, seqlen)
+                tokens_per_step = t_cfg.batch_size * seqlen
                 probe.begin_step()
                 loss, terms = step_loss(model, _dev(x, cfg), _dev(y, cfg))   # lm.distill: CE (+ teacher's KD)
                 lossf = loss.item()
@@ -631,6 +662,7 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                     callback(step, lossf)
                 mlog.write(json.dumps({"step": step, "loss": lossf, "lr": lr, "grad_norm": gnorm,
                                        "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt,
+                                       "seqlen": seqlen, "n_layer": model.config.n_layer,
                                        "wall_s": wall_before + time.perf_counter() - t_start, **terms,
                                        **extra}) + "\n")
                 if first_step:   # compiles kernels on first use: not what the rate is about
@@ -661,7 +693,7 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
     summary = {"steps": step, "train_loss": last_eval["train"] if last_eval else None,
                "val_loss": last_eval["val"] if last_eval else None, "best_val_loss": best_val,
                "wall_s": wall, "wall_s_this_part": wall_part, "resumed": resume,
-               "ms_per_step": ms, "n_params": n_params, "model_dir": model_dir}
+               "ms_per_step": ms, "n_params": model.num_params(), "model_dir": model_dir}
     if last_eval and "val_memory" in last_eval:
         summary["val_loss_memory"] = last_eval["val_memory"]
     atomic_write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2))
@@ -684,11 +716,13 @@ def plot_training(metrics_path: str, png_path: str) -> None:
 
 
 def training_figure(metrics_path: str):
-    """Loss (per step and evaluated) and gradient norm against step, from the metrics log."""
+    """Loss (per step and evaluated) and gradient norm against step, from the metrics log;
+    growth steps (progressive.grow) are dashed vertical lines labelled "grown to N layers"."""
     # a bare Figure (no pyplot): drawing a file must not switch a notebook's backend
     from matplotlib.figure import Figure
 
-    steps, losses, gnorms, evals = [], [], [], []
+    steps, losses, gnorms, evals, grown = [], [], [], [], []
+    n_layer = None
     with open(metrics_path, encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
@@ -698,6 +732,9 @@ def training_figure(metrics_path: str):
                 steps.append(r["step"])
                 losses.append(r["loss"])
                 gnorms.append(r["grad_norm"])
+                if n_layer is not None and r.get("n_layer", n_layer) > n_layer:
+                    grown.append((r["step"] - 1, r["n_layer"]))   # grown before this row's step ran
+                n_layer = r.get("n_layer", n_layer)
     fig = Figure(figsize=(11, 4))
     a1, a2 = fig.subplots(1, 2)
     if steps:
@@ -717,6 +754,11 @@ def training_figure(metrics_path: str):
     a2.set_xlabel("step")
     a2.set_title("gradient norm (before clipping)")
     a2.grid(alpha=0.3)
+    for at, n in grown:
+        for a in (a1, a2):
+            a.axvline(at, color="k", ls="--", lw=0.8, label=f"grown to {n} layers" if a is a1 else None)
+    if grown:
+        a1.legend()
     fig.tight_layout()
     return fig
 
