@@ -121,8 +121,11 @@ if HAVE_NUMBA:
                 xl, xh = xlo[n], xhi[n]
                 s = np.float32(0)
                 for j in range(H):
-                    c = np.int32(row[j])
-                    s += (np.float32((c & 15) - 8) * xl[j] + np.float32((c >> 4) - 8) * xh[j]) * sc[j >> 4]
+                    # the nibbles stay bytes (np.uint8): Numba's integer arithmetic is int64,
+                    # and an int64 -> float32 conversion vectorizes 8 lanes wide, not 16 (2x slower)
+                    c = row[j]
+                    s += ((np.float32(np.uint8(c & 15)) - np.float32(8)) * xl[j]
+                          + (np.float32(np.uint8(c >> 4)) - np.float32(8)) * xh[j]) * sc[j >> 4]
                 y[n, o] = s
 
     @numba.njit(**_JIT)
@@ -185,9 +188,9 @@ if HAVE_NUMBA:
             for b in range(K // 32):
                 d = _half(np.int64(srow[b]))
                 for j in range(16):
-                    c = np.int32(row[b * 16 + j])
-                    out[i, b * 32 + j] = np.float32((c & 15) - 8) * d
-                    out[i, b * 32 + 16 + j] = np.float32((c >> 4) - 8) * d
+                    c = row[b * 16 + j]
+                    out[i, b * 32 + j] = (np.float32(np.uint8(c & 15)) - np.float32(8)) * d
+                    out[i, b * 32 + 16 + j] = (np.float32(np.uint8(c >> 4)) - np.float32(8)) * d
 
     @numba.njit(**_JIT)
     def dq_nf4(codes, absmax_q, absmax_scale, offset, levels, r0, out):
@@ -201,6 +204,53 @@ if HAVE_NUMBA:
                     q = np.int32(row[b * 32 + j])
                     out[i, b * 64 + 2 * j] = levels[q & 15] * am
                     out[i, b * 64 + 2 * j + 1] = levels[q >> 4] * am
+
+
+    # ----------------------------------------------------------------- C entry points (the pool)
+    # One record per pool thread (``threads.run_c``): int64 addresses of the whole arrays, their
+    # sizes, and the thread's output rows [o0, o1). Each rebuilds the arrays and runs the loop
+    # above on its rows; compiled by _entry_points() on first use.
+    from .pooled import _record, _typed_pointer
+
+    _i8p, _u8p, _u16p = _typed_pointer(_t.int8), _typed_pointer(_t.uint8), _typed_pointer(_t.uint16)
+    _f32p_ = _typed_pointer(_t.float32)
+    _f32bits = bitcast(_t.int64, _t.float64)
+    _ca = numba.carray
+
+    def _c_int8(p):
+        r = _ca(_record(p), 9)                     # x, codes, scale, y, N, K, out, o0, o1
+        N, K, M = r[4], r[5], r[6]
+        mv_int8(_ca(_f32p_(r[0]), (N, K)), _ca(_i8p(r[1]), (M, K)), _ca(_f32p_(r[2]), M),
+                _ca(_f32p_(r[3]), (N, M)), r[7], r[8])
+
+    def _c_q8_0(p):
+        r = _ca(_record(p), 9)                     # x, codes, scales, y, N, K, out, o0, o1
+        N, K, M = r[4], r[5], r[6]
+        mv_q8_0(_ca(_f32p_(r[0]), (N, K)), _ca(_i8p(r[1]), (M, K)), _ca(_u16p(r[2]), (M, K // 32)),
+                _ca(_f32p_(r[3]), (N, M)), r[7], r[8])
+
+    def _c_q4_0(p):
+        r = _ca(_record(p), 10)                    # xlo, xhi, codes, scales, y, N, H, out, o0, o1
+        N, H, M = r[5], r[6], r[7]
+        mv_q4_0(_ca(_f32p_(r[0]), (N, H)), _ca(_f32p_(r[1]), (N, H)), _ca(_u8p(r[2]), (M, H)),
+                _ca(_u16p(r[3]), (M, H // 16)), _ca(_f32p_(r[4]), (N, M)), r[8], r[9])
+
+    def _c_fp16(p):
+        r = _ca(_record(p), 8)                     # x, w, y, N, K, out, o0, o1
+        N, K, M = r[3], r[4], r[5]
+        mv_fp16(_ca(_f32p_(r[0]), (N, K)), _ca(_u16p(r[1]), (M, K)), _ca(_f32p_(r[2]), (N, M)), r[6], r[7])
+
+    def _c_bf16(p):
+        r = _ca(_record(p), 8)
+        N, K, M = r[3], r[4], r[5]
+        mv_bf16(_ca(_f32p_(r[0]), (N, K)), _ca(_u16p(r[1]), (M, K)), _ca(_f32p_(r[2]), (N, M)), r[6], r[7])
+
+    def _c_nf4(p):
+        r = _ca(_record(p), 14)   # xe, xo, codes, absmax_q, absmax_scale, n_scale, offset bits, levels, y, N, H, out, o0, o1
+        N, H, M = r[9], r[10], r[11]
+        mv_nf4(_ca(_f32p_(r[0]), (N, H)), _ca(_f32p_(r[1]), (N, H)), _ca(_u8p(r[2]), (M, H)),
+               _ca(_i8p(r[3]), M * H // 32), _ca(_f32p_(r[4]), r[5]), np.float32(_f32bits(r[6])),
+               _ca(_f32p_(r[7]), 16), _ca(_f32p_(r[8]), (N, M)), r[12], r[13])
 
 
 def _levels():
@@ -249,25 +299,66 @@ def _dq(fmt):
     return globals()["dq_" + fmt]
 
 
+_ENTRIES = None
+
+
+def _entry_points() -> dict:
+    """The C entry points: (address, ctypes function) per format (compiled on first use, or loaded from Numba's cache)."""
+    global _ENTRIES
+    if _ENTRIES is None:
+        sig = _t.void(_t.voidptr)
+        fns = {"int8": _c_int8, "q8_0": _c_q8_0, "q4_0": _c_q4_0, "fp16": _c_fp16, "bf16": _c_bf16, "nf4": _c_nf4}
+        cf = {k: numba.cfunc(sig, cache=True, nogil=True)(f) for k, f in fns.items()}
+        import ctypes
+        call = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+        _ENTRIES = {k: (v.address, call(v.address)) for k, v in cf.items()} | {"_keep": cf}
+    return _ENTRIES
+
+
 def _parts(out: int, nbytes: int) -> list[slice]:
     if nbytes < MIN_POOL_BYTES:
         return [slice(0, out)]
     return threads.row_chunks(out, 16)
 
 
-def matvec(x, fmt: str, arrays: dict, out_features: int):
-    """y (N, out) = x (N, K) W^T for few rows N, from the codes (compiled, on the pool)."""
+def matvec(x, fmt: str, arrays: dict, out_features: int, plan=None):
+    """y (N, out) = x (N, K) W^T for few rows N, from the codes (compiled, on the pool).
+
+    Always through the C entry point (one record, or one per pool thread): the same machine
+    code for every row whatever the split, so one thread and several give the same bits (a
+    loop compiled twice, inlined elsewhere, may sum in another order under fastmath).
+    ``plan``: ``matvec_plan(fmt, arrays)``, computed once per weight by a caller that calls
+    this for every token (QuantLinear)."""
     x = np.ascontiguousarray(x)
-    y = np.empty((x.shape[0], out_features), np.float32)
-    args = _x_args(fmt, x) + _args(fmt, arrays)
-    nbytes = sum(a.nbytes for a in arrays.values())
-    parts = _parts(out_features, nbytes)
-    kern = _mv(fmt)
-    if len(parts) < 2:
-        kern(*args, y, 0, out_features)
-    else:
-        threads.parallel_for(lambda s: kern(*args, y, s.start, s.stop), parts)
+    N = x.shape[0]
+    y = np.empty((N, out_features), np.float32)
+    cfn, address, nbytes, meta, wargs = plan or matvec_plan(fmt, arrays)
+    xs = _x_args(fmt, x)
+    head = [a.ctypes.data for a in xs] + meta + [y.ctypes.data, N, xs[0].shape[1], out_features]
+    parts = _parts(out_features, nbytes) if nbytes >= MIN_POOL_BYTES else ()
+    if len(parts) >= 2:
+        records = np.array([head + [s.start, s.stop] for s in parts], np.int64)
+        if threads.run_c(address, records):
+            return y
+    records = np.array(head + [0, out_features], np.int64)
+    cfn(records.ctypes.data)                 # the arrays stay referenced (x, xs, y, plan) until here
     return y
+
+
+def matvec_plan(fmt: str, arrays: dict) -> tuple:
+    """What ``matvec`` needs of a weight, computed once: the C entry point, the bytes of codes
+    (whether to split) and the weight part of a pool record (with the arrays it points into)."""
+    wargs = _args(fmt, arrays)
+    meta = []
+    for a in wargs:
+        if isinstance(a, np.ndarray):
+            meta.append(a.ctypes.data)
+            if fmt == "nf4" and a is wargs[2]:      # absmax_scale: its length follows
+                meta.append(a.size)
+        else:                                       # nf4's offset, a float32 scalar: its bits
+            meta.append(int(np.array([float(a)], np.float64).view(np.int64)[0]))
+    address, cfn = _entry_points()[fmt]
+    return cfn, address, sum(a.nbytes for a in arrays.values()), meta, wargs
 
 
 def tile_rows(K: int) -> int:
