@@ -104,21 +104,22 @@ class QuantLinear(Module):
         none of the graph's bookkeeping. The same loop as QuantLinearFunction's, so the same
         numbers. None when the array path or the prompt path applies."""
         xd = x.data
-        if xd.ndim < 1 or xd.shape[-1] != self.in_features:
+        K = self.in_features
+        if type(xd) is not np.ndarray or xd.dtype != np.float32 or not xd.ndim or xd.shape[-1] != K:
             return None
-        n = xd.size // self.in_features
-        if n > qk.SMALL_N or not isinstance(xd, np.ndarray) or xd.dtype != np.float32:
+        n = xd.size // K
+        if n > qk.SMALL_N:
             return None
-        bufs = self._buffers
-        key = tuple(id(bufs["weight_" + k]) for k in self._fields)
         plan = self.__dict__.get("_plan")
-        if plan is None or plan[0] != key:
+        bufs = self._buffers
+        if plan is None or any(bufs[k] is not a for k, a in plan[0]):   # new arrays: plan again
             arrays = {k: bufs["weight_" + k] for k in self._fields}
             if not qk.compiled(xd, arrays):
                 return None
-            plan = (key, qk.matvec_plan(format_of(self.scheme).name, arrays))
+            plan = (tuple(("weight_" + k, a) for k, a in arrays.items()),
+                    qk.matvec_plan(format_of(self.scheme).name, arrays), format_of(self.scheme).name)
             object.__setattr__(self, "_plan", plan)
-        y = qk.matvec(xd.reshape(n, self.in_features), format_of(self.scheme).name, None, self.out_features, plan[1])
+        y = qk.matvec(xd.reshape(n, K), plan[2], None, self.out_features, plan[1])
         if self.bias is not None:
             y += self.bias.data
         return Tensor(y.reshape(xd.shape[:-1] + (self.out_features,)))
