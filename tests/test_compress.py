@@ -150,7 +150,7 @@ def test_loading_a_quantized_folder_never_builds_the_float_weights(model_dir, tm
 
 def test_rest_dtype_float16_halves_the_float_tensors_and_loads_as_float32(model_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    for d, extra in ((a, []), (b, ["--rest_dtype", "float16"])):
+    for d, extra in ((a, ["--rest_dtype", "float32"]), (b, ["--rest_dtype", "float16"])):
         assert lc.main(["--model_dir", str(model_dir / "model"), "--quantize", "q4_0", "--output_dir", str(d),
                         "--no_report", "--no_progress", *extra]) == 0
     sa, sb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
@@ -159,3 +159,11 @@ def test_rest_dtype_float16_halves_the_float_tensors_and_loads_as_float32(model_
     m, _ = load_model(str(b))
     assert m.transformer.wpe.weight.dtype == np.float32
     assert (b / "model.safetensors").stat().st_size < (a / "model.safetensors").stat().st_size
+    c = tmp_path / "c"                              # the default with a 4-bit scheme: float16
+    assert lc.main(["--model_dir", str(model_dir / "model"), "--quantize", "q4_0", "--output_dir", str(c),
+                    "--no_report", "--no_progress"]) == 0
+    assert load_file(str(c / "model.safetensors"))["transformer.wpe.weight"].dtype == np.float16
+    d = tmp_path / "d"                              # and float32 with an 8-bit one
+    assert lc.main(["--model_dir", str(model_dir / "model"), "--quantize", "q8_0", "--output_dir", str(d),
+                    "--no_report", "--no_progress"]) == 0
+    assert load_file(str(d / "model.safetensors"))["transformer.wpe.weight"].dtype == np.float32
