@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed_schemes", default=",".join(SPEED_SCHEMES))
     p.add_argument("--shapes", default="baby,gpt2")
     p.add_argument("--eval_batches", type=int, default=0, help="validation batches of 16 x context (0: the whole split)")
-    p.add_argument("--calib_batches", type=int, default=16)
+    p.add_argument("--calib_batches", type=int, default=48)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0,

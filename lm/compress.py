@@ -115,7 +115,8 @@ def _run_quantize(model, ctx: Context):
                 f"on disk with it (q4_0 and q8_0 store only the kept values)")
     calib = _calib_batches(ctx, model) if a.quantize == "gptq" else None
     quant.quantize_(model, a.quantize, exclude=a.exclude or None, calib=calib,
-                    run=lambda m, x: m(x, x), progress=a.progress)
+                    run=lambda m, x: m(x, x), progress=a.progress,
+                    gptq_options={"sequential": True} if a.gptq_sequential else None)
     rep = quant.bytes_report(model)
     ctx.sections["quantization"] = {"scheme": a.quantize, "exclude": a.exclude,
                                     **quant.quant_plan(model)}
@@ -410,6 +411,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib_data", default=None, help="calibration text for gptq (file, folder or built-in name)")
     g.add_argument("--calib_batches", type=int, default=8, help="calibration batches for gptq")
     g.add_argument("--calib_batch_size", type=int, default=8, help="sequences per calibration batch")
+    g.add_argument("--gptq_sequential", action="store_true",
+                   help="gptq: each layer's Hessian from a pass through the model quantized so far "
+                        "(one calibration pass per layer; default: one pass over the float model)")
     g = p.add_argument_group("pruning and low rank (run before --quantize: prune, then quantize)")
     g.add_argument("--prune", default=None, metavar="METHOD", help="magnitude or wanda (wanda needs --data)")
     g.add_argument("--sparsity", type=float, default=None, help="fraction of weights to prune, in [0, 1)")

@@ -57,6 +57,15 @@ def test_gptq_through_the_tool(model_dir, tmp_path):
     conf = json.loads((out / "config.json").read_text())
     assert conf["quantization"]["scheme"] == "gptq"
     assert set(conf["quantization"]["modules"].values()) == {"gptq"}
+    # --gptq_sequential: the later layers' Hessians come from the partly quantized model
+    seq = tmp_path / "gptq-seq"
+    assert lc.main(["--model_dir", str(model_dir / "model"), "--quantize", "gptq", "--calib_data", corpus,
+                    "--calib_batches", "2", "--calib_batch_size", "4", "--gptq_sequential",
+                    "--output_dir", str(seq), *FAST]) == 0
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(seq / "model.safetensors"))
+    first = "transformer.h.0.attn.c_attn.weight_codes"                  # the first layer the model runs
+    assert np.array_equal(a[first], b[first])                 # it sees the float model either way
+    assert any(not np.array_equal(a[k], b[k]) for k in a if k.endswith("weight_codes"))
 
 
 def _err(capsys):
