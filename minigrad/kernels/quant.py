@@ -214,7 +214,7 @@ if HAVE_NUMBA:
     # hands one record to each of its threads; one thread calls it through ``_go``. Either way
     # every row is computed by the same machine code, so the bits do not depend on the split
     # (the same loop compiled a second time, inlined elsewhere, may sum in another order under
-    # fastmath). Compiled by _entry_points() on first use.
+    # fastmath). Compiled by _entry_point() on first use.
     import llvmlite.ir as _ir
     from numba.extending import intrinsic as _intrinsic
 
@@ -365,19 +365,18 @@ def _dq(fmt):
     return globals()["dq_" + fmt]
 
 
-_ENTRIES = None
+_ENTRIES: dict = {}
 
 
-def _entry_points() -> dict:
-    """The C entry points' addresses per format (compiled on first use, or loaded from Numba's
-    disk cache)."""
-    global _ENTRIES
-    if _ENTRIES is None:
-        sig = _t.void(_t.voidptr)
-        fns = {"int8": _c_int8, "q8_0": _c_q8_0, "q4_0": _c_q4_0, "fp16": _c_fp16, "bf16": _c_bf16, "nf4": _c_nf4}
-        cf = {k: numba.cfunc(sig, cache=True, nogil=True)(f) for k, f in fns.items()}
-        _ENTRIES = {k: v.address for k, v in cf.items()} | {"_keep": cf}
-    return _ENTRIES
+def _entry_point(fmt: str) -> int:
+    """The C entry point's address for ``fmt`` (compiled on first use, or loaded from Numba's
+    disk cache; one format at a time, so a model compiles only what it uses)."""
+    e = _ENTRIES.get(fmt)
+    if e is None:
+        fn = {"int8": _c_int8, "q8_0": _c_q8_0, "q4_0": _c_q4_0, "fp16": _c_fp16, "bf16": _c_bf16,
+              "nf4": _c_nf4}[fmt]
+        e = _ENTRIES[fmt] = numba.cfunc(_t.void(_t.voidptr), cache=True, nogil=True)(fn)
+    return e.address
 
 
 def _parts(out: int, nbytes: int) -> list[slice]:
@@ -424,7 +423,7 @@ def matvec_plan(fmt: str, arrays: dict) -> tuple:
     template = np.zeros(HEAD + len(meta), np.int64)
     template[5] = wargs[0].shape[0]                 # out: the rows of the codes (or of fp16's w)
     template[HEAD:] = meta
-    return _entry_points()[fmt], template, sum(a.nbytes for a in arrays.values()), wargs
+    return _entry_point(fmt), template, sum(a.nbytes for a in arrays.values()), wargs
 
 
 def tile_rows(K: int) -> int:
