@@ -11,9 +11,10 @@ Parts (``--parts``, comma separated):
   through the tool (``lm.compress``: quantize, save, and load back through ``lm.loader``), then
   the report's metrics (``lm.report.quality``) over the validation split: loss before/after,
   KL divergence, same-top-1, perplexity ratio; and the size of model.safetensors against the
-  float32 file. GPTQ calibrates on ``--calib_batches`` batches of the training split. A scheme
-  written ``q4_0+f16`` also stores the float tensors that stay (norms, biases, position
-  embeddings) as float16 (``lm.compress --rest_dtype float16``).
+  float32 file. GPTQ calibrates on ``--calib_batches`` batches of the training split. Each
+  scheme is written with the tool's defaults (the 4-bit ones store the float tensors that stay,
+  norms, biases and position embeddings, as float16); ``q4_0+f32`` keeps them float32, ``q8_0+f16``
+  makes them float16 (``lm.compress --rest_dtype``).
 * ``speed``: greedy decoding at batch 1 with the KV cache, ``--new_tokens`` new tokens after a
   one-token prompt, at the baby GPT shape (6 x 384, vocab 65, context 256) and a GPT-2-small
   shape (12 x 768, vocab 50304, context 1024), random weights (speed does not depend on the
@@ -83,7 +84,8 @@ def bench_quality(model_dir: str, data: str | None, out: str, eval_batches: int,
             import shutil
             shutil.rmtree(folder)
         argv = ["--model_dir", model_dir, "--quantize", s.split("+")[0], "--output_dir", folder, "--no_report",
-                "--no_progress", "--data", corpus] + (["--rest_dtype", "float16"] if s.endswith("+f16") else [])
+                "--no_progress", "--data", corpus] + (["--rest_dtype", "float16"] if s.endswith("+f16") else
+                                                 ["--rest_dtype", "float32"] if s.endswith("+f32") else [])
         if s.startswith("gptq"):
             argv += ["--calib_data", corpus, "--calib_batches", str(calib_batches)]
         t0 = time.perf_counter()
@@ -335,7 +337,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed_schemes", default=",".join(SPEED_SCHEMES))
     p.add_argument("--shapes", default="baby,gpt2")
     p.add_argument("--eval_batches", type=int, default=0, help="validation batches of 16 x context (0: the whole split)")
-    p.add_argument("--calib_batches", type=int, default=16)
+    p.add_argument("--calib_batches", type=int, default=48)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0,

@@ -57,6 +57,15 @@ def test_gptq_through_the_tool(model_dir, tmp_path):
     conf = json.loads((out / "config.json").read_text())
     assert conf["quantization"]["scheme"] == "gptq"
     assert set(conf["quantization"]["modules"].values()) == {"gptq"}
+    # --gptq_sequential: the later layers' Hessians come from the partly quantized model
+    seq = tmp_path / "gptq-seq"
+    assert lc.main(["--model_dir", str(model_dir / "model"), "--quantize", "gptq", "--calib_data", corpus,
+                    "--calib_batches", "2", "--calib_batch_size", "4", "--gptq_sequential",
+                    "--output_dir", str(seq), *FAST]) == 0
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(seq / "model.safetensors"))
+    first = "transformer.h.0.attn.c_attn.weight_codes"                  # the first layer the model runs
+    assert np.array_equal(a[first], b[first])                 # it sees the float model either way
+    assert any(not np.array_equal(a[k], b[k]) for k in a if k.endswith("weight_codes"))
 
 
 def _err(capsys):
@@ -150,7 +159,7 @@ def test_loading_a_quantized_folder_never_builds_the_float_weights(model_dir, tm
 
 def test_rest_dtype_float16_halves_the_float_tensors_and_loads_as_float32(model_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    for d, extra in ((a, []), (b, ["--rest_dtype", "float16"])):
+    for d, extra in ((a, ["--rest_dtype", "float32"]), (b, ["--rest_dtype", "float16"])):
         assert lc.main(["--model_dir", str(model_dir / "model"), "--quantize", "q4_0", "--output_dir", str(d),
                         "--no_report", "--no_progress", *extra]) == 0
     sa, sb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
@@ -159,3 +168,11 @@ def test_rest_dtype_float16_halves_the_float_tensors_and_loads_as_float32(model_
     m, _ = load_model(str(b))
     assert m.transformer.wpe.weight.dtype == np.float32
     assert (b / "model.safetensors").stat().st_size < (a / "model.safetensors").stat().st_size
+    c = tmp_path / "c"                              # the default with a 4-bit scheme: float16
+    assert lc.main(["--model_dir", str(model_dir / "model"), "--quantize", "q4_0", "--output_dir", str(c),
+                    "--no_report", "--no_progress"]) == 0
+    assert load_file(str(c / "model.safetensors"))["transformer.wpe.weight"].dtype == np.float16
+    d = tmp_path / "d"                              # and float32 with an 8-bit one
+    assert lc.main(["--model_dir", str(model_dir / "model"), "--quantize", "q8_0", "--output_dir", str(d),
+                    "--no_report", "--no_progress"]) == 0
+    assert load_file(str(d / "model.safetensors"))["transformer.wpe.weight"].dtype == np.float32

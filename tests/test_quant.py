@@ -176,10 +176,11 @@ def test_kernels_equal_dequantize_then_matmul(scheme, n):
     assert np.array_equal(qk.dequantize_tile(scheme, qt.arrays, 5, tile), d[5:12])
 
 
-@pytest.mark.parametrize("scheme", ["q8_0", "q4_0"])
-def test_pool_split_gives_the_serial_result(scheme, monkeypatch):
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("scheme", ["int8", "q8_0", "q4_0", "fp16", "bf16", "nf4"])
+def test_pool_split_gives_the_serial_result(scheme, n, monkeypatch):
     qt = quantize_tensor(_w(512, 256, seed=4), scheme)
-    x = np.random.default_rng(5).standard_normal((1, 256)).astype(np.float32)
+    x = np.random.default_rng(5).standard_normal((n, 256)).astype(np.float32)
     monkeypatch.setattr(qk, "MIN_POOL_BYTES", 0)
     monkeypatch.setattr(threads, "row_chunks", lambda n, m: threads.split(n, 2))
     split = qk.matvec(x, scheme, qt.arrays, 512)
@@ -281,6 +282,49 @@ def test_gptq_has_lower_layer_output_error_than_round_to_nearest():
     # the q4_0 layout: every block's scale is float16 and every code a nibble, so q4_0 reads it
     fmt = quant.FORMATS["q4_0"]
     assert np.array_equal(fmt.unpack(q.weight.arrays, q.weight.shape), g)
+
+
+def test_gptq_act_order_matches_the_error_of_the_inputs_it_favours():
+    """act_order quantizes the columns by decreasing Hessian diagonal; the blocks stay q4_0's."""
+    from minigrad.gptq import gptq_weight
+    rng = np.random.default_rng(1)
+    X = (rng.standard_normal((2048, 96)) * np.exp(rng.standard_normal(96))).astype(np.float64)  # uneven channels
+    W = rng.standard_normal((40, 96)).astype(np.float32)
+    H = 2 * X.T @ X
+    err = {}
+    for ao in (False, True):
+        d, q = gptq_weight(W, H, act_order=ao)
+        g = quant.FORMATS["q4_0"].unpack(Q4_0_pack(d, q), W.shape)
+        err[ao] = np.linalg.norm(X @ (W - g).T)
+        assert q.max() <= 15 and np.all(np.isfinite(d))
+    rtn = quantize_tensor(W, "q4_0").dequantize()
+    assert err[True] < 0.9 * np.linalg.norm(X @ (W - rtn).T)
+    assert err[True] < err[False]
+    # off, the order is left to right: the result does not depend on the permutation code
+    d0, q0 = gptq_weight(W, H)
+    d1, q1 = gptq_weight(W, H, act_order=False)
+    assert np.array_equal(q0, q1) and np.array_equal(d0, d1)
+
+
+def Q4_0_pack(d, q):
+    return quant.FORMATS["q4_0"].pack_codes(d, q)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "q8_0", "q4_0", "fp16", "bf16", "nf4"])
+def test_decode_fast_path_equals_the_graph_path(scheme):
+    """QuantLinear without a graph to record (decoding) calls the loop straight; same bits."""
+    lin = nn.Linear(128, 72)
+    q = QuantLinear.from_linear(lin, quantize_tensor(lin.weight.data, scheme))
+    x = np.random.default_rng(0).standard_normal((1, 2, 128)).astype(np.float32)
+    with mg.no_grad():
+        fast = q(mg.tensor(x)).data
+    graph = q(mg.tensor(x, requires_grad=True))
+    assert graph.requires_grad and np.array_equal(fast, graph.data)
+    # new codes (load_state_dict of another layer's) are seen: the prepared plan is rebuilt
+    other = QuantLinear.from_linear(nn.Linear(128, 72), quantize_tensor(nn.Linear(128, 72).weight.data, scheme))
+    q.load_state_dict(other.state_dict())
+    with mg.no_grad():
+        assert np.array_equal(q(mg.tensor(x)).data, other(mg.tensor(x, requires_grad=True)).data)
 
 
 @pytest.mark.parametrize("scheme", FORMATS)

@@ -121,8 +121,11 @@ if HAVE_NUMBA:
                 xl, xh = xlo[n], xhi[n]
                 s = np.float32(0)
                 for j in range(H):
-                    c = np.int32(row[j])
-                    s += (np.float32((c & 15) - 8) * xl[j] + np.float32((c >> 4) - 8) * xh[j]) * sc[j >> 4]
+                    # the nibbles stay bytes (np.uint8): Numba's integer arithmetic is int64,
+                    # and an int64 -> float32 conversion vectorizes 8 lanes wide, not 16 (2x slower)
+                    c = row[j]
+                    s += ((np.float32(np.uint8(c & 15)) - np.float32(8)) * xl[j]
+                          + (np.float32(np.uint8(c >> 4)) - np.float32(8)) * xh[j]) * sc[j >> 4]
                 y[n, o] = s
 
     @numba.njit(**_JIT)
@@ -185,9 +188,9 @@ if HAVE_NUMBA:
             for b in range(K // 32):
                 d = _half(np.int64(srow[b]))
                 for j in range(16):
-                    c = np.int32(row[b * 16 + j])
-                    out[i, b * 32 + j] = np.float32((c & 15) - 8) * d
-                    out[i, b * 32 + 16 + j] = np.float32((c >> 4) - 8) * d
+                    c = row[b * 16 + j]
+                    out[i, b * 32 + j] = (np.float32(np.uint8(c & 15)) - np.float32(8)) * d
+                    out[i, b * 32 + 16 + j] = (np.float32(np.uint8(c >> 4)) - np.float32(8)) * d
 
     @numba.njit(**_JIT)
     def dq_nf4(codes, absmax_q, absmax_scale, offset, levels, r0, out):
@@ -201,6 +204,114 @@ if HAVE_NUMBA:
                     q = np.int32(row[b * 32 + j])
                     out[i, b * 64 + 2 * j] = levels[q & 15] * am
                     out[i, b * 64 + 2 * j + 1] = levels[q >> 4] * am
+
+
+    # ----------------------------------------------------------------- C entry points
+    # Every matrix-vector product runs through a C entry point (a Numba ``cfunc``) that takes
+    # one *record*, a row of int64: [x, x2, y, N, inner size, out, o0, o1, weight arrays...]
+    # (addresses, sizes; x2 is the second copy of x the 4-bit loops read, else x again). It
+    # rebuilds the arrays and runs the loop above on rows [o0, o1). The pool (``threads.run_c``)
+    # hands one record to each of its threads; one thread calls it through ``_go``. Either way
+    # every row is computed by the same machine code, so the bits do not depend on the split
+    # (the same loop compiled a second time, inlined elsewhere, may sum in another order under
+    # fastmath). Compiled by _entry_point() on first use.
+    import llvmlite.ir as _ir
+    from numba.extending import intrinsic as _intrinsic
+
+    from .pooled import _record, _typed_pointer
+
+    _i8p, _u8p, _u16p = _typed_pointer(_t.int8), _typed_pointer(_t.uint8), _typed_pointer(_t.uint16)
+    _f32p_ = _typed_pointer(_t.float32)
+    _f32bits = bitcast(_t.int64, _t.float64)
+    _ca = numba.carray
+    HEAD = 8                                       # record fields before the weight arrays'
+
+    @_intrinsic
+    def _call_c(typingctx, address, record):
+        """Call ``void f(void *)`` at ``address`` with the address ``record`` (integers)."""
+        if not (isinstance(address, _t.Integer) and isinstance(record, _t.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            vp = _ir.IntType(8).as_pointer()
+            fn = builder.inttoptr(args[0], _ir.FunctionType(_ir.VoidType(), [vp]).as_pointer())
+            builder.call(fn, [builder.inttoptr(args[1], vp)])
+            return context.get_dummy_value()
+        return _t.void(address, record), codegen
+
+    @numba.njit(**_JIT)
+    def _go(address, template, xa, xb, y, o0, o1):
+        """One thread: fill the record's x, y, sizes and rows and call the entry point."""
+        r = template.copy()
+        r[0], r[1], r[2] = xa.ctypes.data, xb.ctypes.data, y.ctypes.data
+        r[3], r[4], r[6], r[7] = xa.shape[0], xa.shape[1], o0, o1
+        _call_c(address, r.ctypes.data)
+
+    @numba.njit(**_JIT)
+    def _pool_records(template, xa, xb, y, edges):
+        """One record per pool thread: rows edges[i]..edges[i + 1]."""
+        n = len(edges) - 1
+        r = np.empty((n, len(template)), np.int64)
+        for i in range(n):
+            r[i] = template
+            r[i, 0], r[i, 1], r[i, 2] = xa.ctypes.data, xb.ctypes.data, y.ctypes.data
+            r[i, 3], r[i, 4], r[i, 6], r[i, 7] = xa.shape[0], xa.shape[1], edges[i], edges[i + 1]
+        return r
+
+    @numba.njit(**_JIT)
+    def _xsplit(x, kind):
+        """x as the 4-bit loops read it, two contiguous copies: kind 1 (q4_0) elements b*32 + j
+        and b*32 + 16 + j for byte b*16 + j; kind 2 (nf4) elements 2j and 2j + 1 for byte j."""
+        N, K = x.shape
+        H = K // 2
+        a = np.empty((N, H), np.float32)
+        b = np.empty((N, H), np.float32)
+        for n in range(N):
+            if kind == 1:
+                for j in range(H):
+                    k = (j >> 4) * 32 + (j & 15)
+                    a[n, j] = x[n, k]
+                    b[n, j] = x[n, k + 16]
+            else:
+                for j in range(H):
+                    a[n, j] = x[n, 2 * j]
+                    b[n, j] = x[n, 2 * j + 1]
+        return a, b
+
+    def _c_int8(p):
+        r = _ca(_record(p), HEAD + 2)              # + codes, scale
+        N, K, M = r[3], r[4], r[5]
+        mv_int8(_ca(_f32p_(r[0]), (N, K)), _ca(_i8p(r[8]), (M, K)), _ca(_f32p_(r[9]), M),
+                _ca(_f32p_(r[2]), (N, M)), r[6], r[7])
+
+    def _c_q8_0(p):
+        r = _ca(_record(p), HEAD + 2)              # + codes, scales
+        N, K, M = r[3], r[4], r[5]
+        mv_q8_0(_ca(_f32p_(r[0]), (N, K)), _ca(_i8p(r[8]), (M, K)), _ca(_u16p(r[9]), (M, K // 32)),
+                _ca(_f32p_(r[2]), (N, M)), r[6], r[7])
+
+    def _c_q4_0(p):
+        r = _ca(_record(p), HEAD + 2)              # + codes, scales; x, x2 = the low and high halves
+        N, H, M = r[3], r[4], r[5]
+        mv_q4_0(_ca(_f32p_(r[0]), (N, H)), _ca(_f32p_(r[1]), (N, H)), _ca(_u8p(r[8]), (M, H)),
+                _ca(_u16p(r[9]), (M, H // 16)), _ca(_f32p_(r[2]), (N, M)), r[6], r[7])
+
+    def _c_fp16(p):
+        r = _ca(_record(p), HEAD + 1)              # + w
+        N, K, M = r[3], r[4], r[5]
+        mv_fp16(_ca(_f32p_(r[0]), (N, K)), _ca(_u16p(r[8]), (M, K)), _ca(_f32p_(r[2]), (N, M)), r[6], r[7])
+
+    def _c_bf16(p):
+        r = _ca(_record(p), HEAD + 1)
+        N, K, M = r[3], r[4], r[5]
+        mv_bf16(_ca(_f32p_(r[0]), (N, K)), _ca(_u16p(r[8]), (M, K)), _ca(_f32p_(r[2]), (N, M)), r[6], r[7])
+
+    def _c_nf4(p):
+        r = _ca(_record(p), HEAD + 6)   # + codes, absmax_q, absmax_scale, its length, offset bits, levels
+        N, H, M = r[3], r[4], r[5]
+        mv_nf4(_ca(_f32p_(r[0]), (N, H)), _ca(_f32p_(r[1]), (N, H)), _ca(_u8p(r[8]), (M, H)),
+               _ca(_i8p(r[9]), M * H // 32), _ca(_f32p_(r[10]), r[11]), np.float32(_f32bits(r[12])),
+               _ca(_f32p_(r[13]), 16), _ca(_f32p_(r[2]), (N, M)), r[6], r[7])
 
 
 def _levels():
@@ -224,8 +335,13 @@ def _args(fmt: str, a: dict) -> tuple:
     raise ValueError(f"no kernel for format {fmt!r}")
 
 
+_SPLIT = {"q4_0": 1, "nf4": 2}
+
+
 def _x_args(fmt: str, x) -> tuple:
     """x as the matrix-vector loop of ``fmt`` reads it: the 4-bit ones take two permuted copies."""
+    if fmt in _SPLIT and HAVE_NUMBA and x.dtype == np.float32 and x.flags.c_contiguous:
+        return _xsplit(x, _SPLIT[fmt])
     if fmt == "q4_0":              # element b*32 + j (low nibble) and b*32 + 16 + j (high) of byte b*16 + j
         N, K = x.shape
         x4 = x.reshape(N, K // 32, 2, 16)
@@ -249,25 +365,65 @@ def _dq(fmt):
     return globals()["dq_" + fmt]
 
 
+_ENTRIES: dict = {}
+
+
+def _entry_point(fmt: str) -> int:
+    """The C entry point's address for ``fmt`` (compiled on first use, or loaded from Numba's
+    disk cache; one format at a time, so a model compiles only what it uses)."""
+    e = _ENTRIES.get(fmt)
+    if e is None:
+        fn = {"int8": _c_int8, "q8_0": _c_q8_0, "q4_0": _c_q4_0, "fp16": _c_fp16, "bf16": _c_bf16,
+              "nf4": _c_nf4}[fmt]
+        e = _ENTRIES[fmt] = numba.cfunc(_t.void(_t.voidptr), cache=True, nogil=True)(fn)
+    return e.address
+
+
 def _parts(out: int, nbytes: int) -> list[slice]:
     if nbytes < MIN_POOL_BYTES:
         return [slice(0, out)]
     return threads.row_chunks(out, 16)
 
 
-def matvec(x, fmt: str, arrays: dict, out_features: int):
-    """y (N, out) = x (N, K) W^T for few rows N, from the codes (compiled, on the pool)."""
+def matvec(x, fmt: str, arrays: dict, out_features: int, plan=None):
+    """y (N, out) = x (N, K) W^T for few rows N, from the codes (compiled, on the pool).
+
+    Through the format's C entry point, on one thread or split by output rows over the pool:
+    the same bits either way (see the entry points above). ``plan``: ``matvec_plan(fmt,
+    arrays)``, computed once per weight by a caller that calls this for every token
+    (QuantLinear)."""
     x = np.ascontiguousarray(x)
     y = np.empty((x.shape[0], out_features), np.float32)
-    args = _x_args(fmt, x) + _args(fmt, arrays)
-    nbytes = sum(a.nbytes for a in arrays.values())
-    parts = _parts(out_features, nbytes)
-    kern = _mv(fmt)
-    if len(parts) < 2:
-        kern(*args, y, 0, out_features)
-    else:
-        threads.parallel_for(lambda s: kern(*args, y, s.start, s.stop), parts)
+    address, template, nbytes, _ = plan or matvec_plan(fmt, arrays)
+    xs = _x_args(fmt, x)
+    xa, xb = xs[0], xs[-1]
+    if nbytes >= MIN_POOL_BYTES:
+        parts = _parts(out_features, nbytes)
+        if len(parts) >= 2:
+            edges = np.array([p.start for p in parts] + [parts[-1].stop], np.int64)
+            if threads.run_c(address, _pool_records(template, xa, xb, y, edges)):
+                return y
+    _go(address, template, xa, xb, y, 0, out_features)
     return y
+
+
+def matvec_plan(fmt: str, arrays: dict) -> tuple:
+    """What ``matvec`` needs of a weight, computed once: the entry point's address, the record
+    template (the weight arrays' addresses after the HEAD fields), the bytes of codes (whether
+    to split), and the arrays it points into (held with it)."""
+    wargs = _args(fmt, arrays)
+    meta = []
+    for a in wargs:
+        if isinstance(a, np.ndarray):
+            meta.append(a.ctypes.data)
+            if fmt == "nf4" and a is wargs[2]:      # absmax_scale: its length follows
+                meta.append(a.size)
+        else:                                       # nf4's offset, a float32 scalar: its bits
+            meta.append(int(np.array([float(a)], np.float64).view(np.int64)[0]))
+    template = np.zeros(HEAD + len(meta), np.int64)
+    template[5] = wargs[0].shape[0]                 # out: the rows of the codes (or of fp16's w)
+    template[HEAD:] = meta
+    return _entry_point(fmt), template, sum(a.nbytes for a in arrays.values()), wargs
 
 
 def tile_rows(K: int) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 from .. import backend
 from ..kernels import quant as qk
 from ..quant import QuantizedTensor, format_of
-from ..tensor import Function, Tensor
+from ..tensor import Function, Tensor, is_grad_enabled
 from .module import Module, Parameter
 
 
@@ -90,8 +90,39 @@ class QuantLinear(Module):
                                     {k: getattr(self, "weight_" + k) for k in self._fields})
 
     def forward(self, x):
+        if isinstance(x, Tensor) and not (is_grad_enabled() and (
+                x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+            y = self._decode(x)
+            if y is not None:
+                return y
         f = QuantLinearFunction(self.weight)
         return f(x) if self.bias is None else f(x, self.bias)
+
+    def _decode(self, x):
+        """A few rows of x and nothing to record (decoding): the matrix-vector loop called
+        straight, its arguments prepared once per weight (``kernels.quant.matvec_plan``),
+        none of the graph's bookkeeping. The same loop as QuantLinearFunction's, so the same
+        numbers. None when the array path or the prompt path applies."""
+        xd = x.data
+        K = self.in_features
+        if type(xd) is not np.ndarray or xd.dtype != np.float32 or not xd.ndim or xd.shape[-1] != K:
+            return None
+        n = xd.size // K
+        if n > qk.SMALL_N:
+            return None
+        plan = self.__dict__.get("_plan")
+        bufs = self._buffers
+        if plan is None or any(bufs[k] is not a for k, a in plan[0]):   # new arrays: plan again
+            arrays = {k: bufs["weight_" + k] for k in self._fields}
+            if not qk.compiled(xd, arrays):
+                return None
+            plan = (tuple(("weight_" + k, a) for k, a in arrays.items()),
+                    qk.matvec_plan(format_of(self.scheme).name, arrays), format_of(self.scheme).name)
+            object.__setattr__(self, "_plan", plan)
+        y = qk.matvec(xd.reshape(n, K), plan[2], None, self.out_features, plan[1])
+        if self.bias is not None:
+            y += self.bias.data
+        return Tensor(y.reshape(xd.shape[:-1] + (self.out_features,)))
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
