@@ -18,12 +18,14 @@ def test_others_cores_subtracts_our_own_time():
 
 @pytest.mark.parametrize("current,others,want", [
     (2, 0.0, 2),     # quiet: keep both
-    (2, 0.5, 2),     # half a core taken: still both (within the hysteresis)
+    (2, 0.5, 2),     # half a core taken: still both
+    (2, 0.67, 1),    # a busy loop next to our two spinning threads gets 2/3 of a core: down
     (2, 0.75, 1),    # most of a core taken: down
     (2, 1.0, 1),     # a busy loop: down
     (1, 1.0, 1),     # stays down while it runs
     (1, 0.5, 1),     # half a core: not clearly free, stay down
-    (1, 0.25, 2),    # clearly free again: up
+    (1, 0.25, 1),    # a quarter: still not clearly free
+    (1, 0.1, 2),     # free again: up
     (2, 2.0, 1),     # never below one thread
 ])
 def test_next_threads_on_two_cores(current, others, want):
@@ -34,7 +36,8 @@ def test_next_threads_respects_the_starting_count_and_many_cores():
     assert cores.next_threads(4, 4, 8, 0.0) == 4          # never above what the run started with
     assert cores.next_threads(8, 8, 8, 3.0) == 5          # 8 cores, 3 taken: 5 threads
     assert cores.next_threads(5, 8, 8, 2.5) == 5          # 5.5 free: within the band, keep 5
-    assert cores.next_threads(5, 8, 8, 1.2) == 7          # 6.8 free: up to 7 (7.1 after the margin)
+    assert cores.next_threads(5, 8, 8, 1.2) == 7          # 6.8 free: up to 7 (7.0 with the margin)
+    assert cores.next_threads(7, 8, 8, 1.6) == 6          # 6.4 free: 7 threads no longer fit
 
 
 def test_read_proc_stat_sums_the_allowed_cpus(tmp_path):

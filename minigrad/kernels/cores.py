@@ -32,7 +32,7 @@ from . import threads
 
 __all__ = ["Governor", "others_cores", "next_threads", "read_proc_stat", "usable_cpus", "enabled"]
 
-HYSTERESIS = 0.2     # cores (see next_threads)
+STAY, RISE = 0.5, 0.2   # cores (see next_threads)
 INTERVAL_S = 1.0     # seconds between two readings
 
 
@@ -93,17 +93,19 @@ def others_cores(d_busy_ticks: float, d_total_ticks: float, n_cpus: int, d_self_
     return max(0.0, min(float(n_cpus), other / wall_ticks))
 
 
-def next_threads(current: int, max_threads: int, n_cpus: int, others: float, h: float = HYSTERESIS) -> int:
+def next_threads(current: int, max_threads: int, n_cpus: int, others: float,
+                 stay: float = STAY, rise: float = RISE) -> int:
     """The thread count for the next interval.
 
-    The free cores are ``n_cpus - others``; n threads fit when about n cores are free. Down
-    at once when ``free + 0.5 + h`` no longer reaches ``current`` (on 2 cores: another
-    program using more than 0.7 of a core), up only when ``free + 0.5 - h`` reaches the
-    higher count (less than 0.3 of a core used by others).
+    The free cores are ``n_cpus - others``. n threads stay while ``free + stay`` reaches n
+    (on 2 cores: down to 1 as soon as other programs take more than half a core; with our two
+    spinning threads and one busy loop on 2 cores, the loop gets 2/3 of a core), and the
+    count rises to n only when ``free + rise`` reaches it (others under 0.2 of a core): a
+    load between the two keeps whatever count is in use, so it does not flip.
     """
     free = max(0.0, n_cpus - others)
-    down = max(1, min(max_threads, math.floor(free + 0.5 + h)))
-    up = max(1, min(max_threads, math.floor(free + 0.5 - h)))
+    down = max(1, min(max_threads, math.floor(free + stay)))
+    up = max(1, min(max_threads, math.floor(free + rise)))
     if current > down:
         return down
     if current < up:
