@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -104,7 +105,9 @@ def child(kind: str, steps: int, warmup: int, seed: int) -> dict:
 
 
 def start_competitor(seconds: float) -> subprocess.Popen:
-    code = f"import time\nt = time.time()\nwhile time.time() - t < {seconds}:\n    pass\n"
+    """One busy loop; it ends after ``seconds``, or as soon as this script is gone (killed)."""
+    code = (f"import os, time\nparent, t = {os.getpid()}, time.time()\n"
+            f"while time.time() - t < {seconds} and os.getppid() == parent:\n    pass\n")
     return subprocess.Popen([sys.executable, "-c", code])
 
 
@@ -134,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", default="benchmarks/results/contention")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))   # a kill runs the finally blocks too
     if args._child:
         print(json.dumps(child(args._child, args.steps, args.warmup, args.seed)))
         return 0
