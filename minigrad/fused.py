@@ -27,36 +27,53 @@ def _half_x_one_plus(x, s):
     return y
 
 
-class GeluTanh(Function):
-    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+class _Gelu(Function):
+    """A GELU: float32 NumPy arrays go through one compiled loop each way (``loops``: the
+    forward and backward of ``kernels/pooled.py``) that saves only ``x``; float64 and CuPy
+    arrays through the subclass's array code (``_array_forward`` / ``_array_backward``)."""
 
-    float32 NumPy arrays go through one compiled loop each way (``cpu.gelu_tanh_fwd`` /
-    ``_bwd``, tanh built from a vectorised exp, good to a few ulp) that saves only ``x``;
-    float64 and CuPy arrays through the array code below, which also saves ``tanh(...)``.
-    """
+    loops = None
 
     def forward(self, x):
         if cpu.accepts(x, dtypes=(np.float32,)):
             self.compiled = True
             xc = np.ascontiguousarray(x)
             y = np.empty_like(xc)
-            pooled.gelu_tanh_fwd(xc.reshape(-1), y.reshape(-1))
+            self.loops[0](xc.reshape(-1), y.reshape(-1))
             self.save_for_backward(xc, None)
             return y
         self.compiled = False
-        xp = backend.get_array_module(x)
-        x2 = x * x
-        t = xp.tanh(x * (_GELU_C + (_GELU_C * 0.044715) * x2))
-        self.save_for_backward(x, t)
-        return _half_x_one_plus(x, t)
+        y, s = self._array_forward(x)
+        self.save_for_backward(x, s)
+        return y
 
     def backward(self, gy):
-        x, t = self.saved
+        x, s = self.saved
         if self.compiled:
             gy = np.ascontiguousarray(gy, dtype=x.dtype)
             gx = np.empty_like(x)
-            pooled.gelu_tanh_bwd(x.reshape(-1), gy.reshape(-1), gx.reshape(-1))
+            self.loops[1](x.reshape(-1), gy.reshape(-1), gx.reshape(-1))
             return gx
+        return self._array_backward(x, s, gy)
+
+
+class GeluTanh(_Gelu):
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    The compiled loops (``cpu.gelu_tanh_fwd`` / ``_bwd``) build tanh from a vectorised exp,
+    good to a few ulp; the array code also saves ``tanh(...)``.
+    """
+
+    loops = (pooled.gelu_tanh_fwd, pooled.gelu_tanh_bwd)
+
+    @staticmethod
+    def _array_forward(x):
+        xp = backend.get_array_module(x)
+        t = xp.tanh(x * (_GELU_C + (_GELU_C * 0.044715) * (x * x)))
+        return _half_x_one_plus(x, t), t
+
+    @staticmethod
+    def _array_backward(x, t, gy):
         # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
         x2 = x * x
         inner = _GELU_C + (3 * _GELU_C * 0.044715) * x2
@@ -70,34 +87,22 @@ class GeluTanh(Function):
         return d
 
 
-class GeluExact(Function):
+class GeluExact(_Gelu):
     """0.5 x (1 + erf(x / sqrt(2))), the exact GELU (nn.GELU()'s default, nanoGPT's).
 
-    float32 NumPy arrays go through one compiled loop each way (``cpu.gelu_erf_fwd`` /
-    ``_bwd``: erfc from a Chebyshev fit and our exp, saving only ``x``); float64 and CuPy
-    arrays through the array code below, which also saves ``erf(...)``.
+    The compiled loops (``cpu.gelu_erf_fwd`` / ``_bwd``) take erfc from a Chebyshev fit and
+    our exp; the array code also saves ``erf(...)``.
     """
 
-    def forward(self, x):
-        if cpu.accepts(x, dtypes=(np.float32,)):
-            self.compiled = True
-            xc = np.ascontiguousarray(x)
-            y = np.empty_like(xc)
-            pooled.gelu_erf_fwd(xc.reshape(-1), y.reshape(-1))
-            self.save_for_backward(xc, None)
-            return y
-        self.compiled = False
-        e = backend.erf(x * (1.0 / math.sqrt(2.0)))
-        self.save_for_backward(x, e)
-        return _half_x_one_plus(x, e)
+    loops = (pooled.gelu_erf_fwd, pooled.gelu_erf_bwd)
 
-    def backward(self, gy):
-        x, e = self.saved
-        if self.compiled:
-            gy = np.ascontiguousarray(gy, dtype=x.dtype)
-            gx = np.empty_like(x)
-            pooled.gelu_erf_bwd(x.reshape(-1), gy.reshape(-1), gx.reshape(-1))
-            return gx
+    @staticmethod
+    def _array_forward(x):
+        e = backend.erf(x * (1.0 / math.sqrt(2.0)))
+        return _half_x_one_plus(x, e), e
+
+    @staticmethod
+    def _array_backward(x, e, gy):
         xp = backend.get_array_module(x)
         # d/dx = 0.5 (1 + erf(x / sqrt 2)) + x * exp(-x^2 / 2) / sqrt(2 pi)
         d = xp.exp(-0.5 * x * x)

@@ -189,38 +189,33 @@ def _bits(*values: float) -> list[int]:
 
 # --------------------------------------------------------------------------- wrappers
 # Each: split when large and everything fits, else the serial loop on the whole arrays.
+def _elementwise(job: str, serial, *arrays) -> None:
+    """``serial(*arrays)`` over flat float32 arrays of one size, cut into parts on the pool
+    (entry point ``job``: the arrays' addresses at the part's start, then its length)."""
+    parts = _parts(arrays[0].size, 1)
+    if len(parts) < 2 or not _fit(_F32, *arrays) or not _run(
+            job, parts, lambda i, s: [*(_addr(a, s.start) for a in arrays), s.stop - s.start]):
+        serial(*arrays)
+
+
 def gelu_tanh_fwd(x, y):
     """cpu.gelu_tanh_fwd over flat float32 arrays."""
-    parts = _parts(x.size, 1)
-    if len(parts) < 2 or not _fit(_F32, x, y) or not _run(
-            "gelu_fwd", parts, lambda i, s: [_addr(x, s.start), _addr(y, s.start), s.stop - s.start]):
-        cpu.gelu_tanh_fwd(x, y)
+    _elementwise("gelu_fwd", cpu.gelu_tanh_fwd, x, y)
 
 
 def gelu_tanh_bwd(x, gy, gx):
     """cpu.gelu_tanh_bwd over flat float32 arrays."""
-    parts = _parts(x.size, 1)
-    if len(parts) < 2 or not _fit(_F32, x, gy, gx) or not _run(
-            "gelu_bwd", parts,
-            lambda i, s: [_addr(x, s.start), _addr(gy, s.start), _addr(gx, s.start), s.stop - s.start]):
-        cpu.gelu_tanh_bwd(x, gy, gx)
+    _elementwise("gelu_bwd", cpu.gelu_tanh_bwd, x, gy, gx)
 
 
 def gelu_erf_fwd(x, y):
     """cpu.gelu_erf_fwd over flat float32 arrays."""
-    parts = _parts(x.size, 1)
-    if len(parts) < 2 or not _fit(_F32, x, y) or not _run(
-            "gelu_erf_fwd", parts, lambda i, s: [_addr(x, s.start), _addr(y, s.start), s.stop - s.start]):
-        cpu.gelu_erf_fwd(x, y)
+    _elementwise("gelu_erf_fwd", cpu.gelu_erf_fwd, x, y)
 
 
 def gelu_erf_bwd(x, gy, gx):
     """cpu.gelu_erf_bwd over flat float32 arrays."""
-    parts = _parts(x.size, 1)
-    if len(parts) < 2 or not _fit(_F32, x, gy, gx) or not _run(
-            "gelu_erf_bwd", parts,
-            lambda i, s: [_addr(x, s.start), _addr(gy, s.start), _addr(gx, s.start), s.stop - s.start]):
-        cpu.gelu_erf_bwd(x, gy, gx)
+    _elementwise("gelu_erf_bwd", cpu.gelu_erf_bwd, x, gy, gx)
 
 
 def layer_norm_fwd(x, w, b, eps, y, mean, rstd):
