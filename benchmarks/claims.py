@@ -18,6 +18,8 @@ a distillation run of ``lm.train`` (``distill.teacher=<reference>``, ``lm.distil
   distillation from the reference, then q4_0;
 - ``student+q4_0``: a smaller model (half the width, 2/3 of the depth) trained from scratch by
   distillation from the reference, then q4_0;
+- ``student2x192+q4_0``: the student ``benchmarks/distill.py`` found best (2 x 4 x 192, 2000
+  steps at batch 16, lr 2e-3, forward KL), then q4_0;
 - ``mqa+q4_0`` is not a row: no multi-query model of the reference's quality is trained here
   (the inference-memory section measures MQA at the reference's shape with random weights).
 
@@ -108,6 +110,11 @@ def recipes(quick: bool, data: str) -> dict:
                 ("distill", {"kind": "recover", "iters": di}), ("compress", q4)]),
         Recipe("student+q4_0", ("distill", "quantize"),
                [("distill", {"kind": "student", "iters": si}), ("compress", q4)]),
+        # the student that benchmarks/distill.py found best: 2 layers x 4 heads x 192 (71% fewer
+        # parameters than the 4 x 256 reference), 2000 steps at batch 16, lr 2e-3
+        Recipe("student2x192+q4_0", ("distill", "quantize"),
+               [("distill", {"kind": "student", "iters": 8 if quick else 2000, "shape": (2, 4, 192),
+                             "batch": 4 if quick else 16, "lr": 2e-3}), ("compress", q4)]),
     ]
     return {r.name: r for r in rs}
 
@@ -188,7 +195,14 @@ def _run_distill(src: str, ref_dir: str, spec: dict, out: str, data: str, quick:
             "train.eval_iters=10", "train.warmup_iters=" + str(max(1, iters // 20)), "train.seed=0",
             "train.progress=false", "train.sample_tokens=0", "train.weight_decay=0.1",
             "train.batch_size=4" if quick else "train.batch_size=8"]
-    if spec["kind"] == "student":
+    if spec["kind"] == "student" and spec.get("shape") and not quick:
+        n_layer, n_head, n_embd = spec["shape"]
+        over += [f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}",
+                 f"model.block_size={conf['model']['block_size']}",
+                 f"model.bias={str(conf['model'].get('bias', True)).lower()}", "model.dropout=0.0",
+                 f"train.learning_rate={spec['lr']}", f"train.min_lr={spec['lr'] / 10}",
+                 f"train.batch_size={spec['batch']}"]
+    elif spec["kind"] == "student":
         over += _student_shape(conf, quick) + ["train.learning_rate=1e-3", "train.min_lr=1e-4"]
     else:   # recover the pruned model: fine-tune every weight, the teacher's soft targets
         over += [f"train.init_from={src}", "train.learning_rate=3e-4", "train.min_lr=3e-5"]
