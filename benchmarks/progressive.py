@@ -2,19 +2,22 @@
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/progressive.py --data /path/to/tinyshakespeare.txt
 
-Five runs of one model (character level, 4 layers x 4 heads x 128, context 256, batch 8, AdamW,
+Six runs of one model (character level, 4 layers x 4 heads x 128, context 256, batch 8, AdamW,
 cosine decay over ``--steps`` steps to 1e-4, LR warmup 50 steps, clip 1, seed 1337), cached
 under ``benchmarks.reference.bench_dir()/progressive-<hash>/<run>`` (a later call reuses them):
 
 - ``baseline``: full length from step 0 (the from-scratch 4-layer run of (c) as well);
 - ``seqlen``: sequence-length warmup 32 -> 256 (linear, multiples of 32) over half the steps;
 - ``baseline_3x`` / ``seqlen_3x``: the same two at three times the learning rate;
-- ``grown``: 2 layers until half the steps, then grown to 4 by stacking (G_stack).
+- ``grown``: 2 layers until half the steps, then grown to 4 by stacking (G_stack);
+- ``grown_identity``: the same growth with ``progressive.grow_init=identity`` (the copies'
+  output projections start at zero: function-preserving, no loss jump).
 
 Questions and how they are measured:
 
 (a) does ``seqlen`` reach the baseline's final validation loss in <= 80% of the baseline's time?
-(c) does ``grown`` reach the from-scratch run's final validation loss in <= 80% of its time?
+(c) does ``grown`` (or ``grown_identity``) reach the from-scratch run's final validation loss in
+    <= 80% of its time?
     Two times are reported. **Training time**: metrics.jsonl's ``wall_s`` minus the time spent
     in evaluations (each eval row's ``wall_s`` minus the previous row's), the same for every run;
     checkpoint saves and the growth itself count. On a shared machine it carries the load of the
@@ -69,7 +72,14 @@ def runs(steps: int) -> dict:
         "baseline_3x": [f"train.learning_rate={3 * LR}"],
         "seqlen_3x": [f"train.learning_rate={3 * LR}", *warm],
         "grown": [f"train.learning_rate={LR}", "model.n_layer=2", f"progressive.grow=[{{at: {half}, n_layer: 4}}]"],
+        "grown_identity": [f"train.learning_rate={LR}", "model.n_layer=2",
+                           f"progressive.grow=[{{at: {half}, n_layer: 4}}]", "progressive.grow_init=identity"],
     }
+
+
+# the cache folder's name hashes the runs that existed when it was introduced; a run added later
+# (grown_identity) gets its own sub-folder there and leaves the others' cached results valid
+_KEYED = ("baseline", "seqlen", "baseline_3x", "seqlen_3x", "grown")
 
 
 def read_metrics(path: str) -> list:
@@ -207,8 +217,9 @@ def figure(res: dict, png: str, steps: int, costs: dict) -> None:
     a2.set_xlabel("step")
     a2.set_ylabel("batch loss (20-step mean)")
     a2.set_title(f"(b) learning rate {3 * LR:g} (3x)")
-    for name, style in (("baseline", "s-"), ("grown", "o-")):
-        a3.plot(*xy(name), style, ms=3, label="4 layers from scratch" if name == "baseline" else "2 -> 4 layers")
+    for name, style, label in (("baseline", "s-", "4 layers from scratch"), ("grown", "o-", "2 -> 4 layers (copy)"),
+                               ("grown_identity", "^-", "2 -> 4 layers (identity init)")):
+        a3.plot(*xy(name), style, ms=3, label=label)
     a3.axvline(modeled_time(res["grown"]["rows"], costs, steps // 2), color="k", ls="--", lw=0.8, label="grown")
     a3.axhline(res["baseline"]["final_val"], color="gray", ls=":", lw=1)
     a3.set_xlabel("side-by-side step time (s)")
@@ -238,7 +249,8 @@ def main(argv=None) -> int:
     if args.data is not None and not os.path.exists(args.data):
         print(f"error: --data {args.data} does not exist; pass the path of tinyshakespeare.txt", file=sys.stderr)
         return 2
-    key = hashlib.sha256(json.dumps([BASE, runs(args.steps), LR]).encode()).hexdigest()[:10]
+    keyed = {k: v for k, v in runs(args.steps).items() if k in _KEYED}
+    key = hashlib.sha256(json.dumps([BASE, keyed, LR]).encode()).hexdigest()[:10]
     root = os.path.join(bench_dir(), f"progressive-{key}")
     os.makedirs(args.output_dir, exist_ok=True)
     warm_up_kernels(args.data)
@@ -251,7 +263,7 @@ def main(argv=None) -> int:
         res[name] = {"dir": r["dir"], "diverged": r["diverged"], "rows": rows, "curve": curve,
                      "final_val": curve[-1][2], "time": curve[-1][1]}
     target = res["baseline"]["final_val"]
-    for name in ("seqlen", "grown"):   # not reached within --steps: continue at the final learning rate
+    for name in ("seqlen", "grown", "grown_identity"):   # not reached within --steps: continue at the final learning rate
         if time_to(res[name]["curve"], target) is None and not res[name]["diverged"]:
             r = train_run(name, runs(args.steps)[name], args.steps, args.data, root, max_iters=longer)
             rows = read_metrics(os.path.join(r["dir"], "metrics.jsonl"))
@@ -267,12 +279,13 @@ def main(argv=None) -> int:
     out = {"target": target, "baseline_time_s": base_t, "baseline_modeled_s": base_m, "steps": args.steps,
            "step_costs_ms": {f"{k[0]}x{k[1]}": 1e3 * v for k, v in costs.items()}}
     for name, label in (("baseline", "baseline (4 x 128, full length)"), ("seqlen", "seqlen warmup 32 -> 256"),
-                        ("grown", "grown 2 -> 4 layers"), ("baseline_3x", f"baseline at lr {3 * LR:g}"),
+                        ("grown", "grown 2 -> 4 layers"),
+                        ("grown_identity", "grown 2 -> 4 layers, identity init"), ("baseline_3x", f"baseline at lr {3 * LR:g}"),
                         ("seqlen_3x", f"seqlen warmup at lr {3 * LR:g}")):
         hit = time_to(res[name]["curve"], target)
         fv = res[name]["curve"][-1][2]
         if hit is None:
-            within = longer if name in ("seqlen", "grown") else args.steps
+            within = longer if name in ("seqlen", "grown", "grown_identity") else args.steps
             mt = modeled_time(res[name]["rows"], costs, within)
             lines.append(f"| {label} | {fv:.4f} | not within {within} steps | - | ({within} steps: {mt:.1f} s, "
                          f"{mt / base_m:.2f}) | - |")

@@ -114,6 +114,7 @@ class ProgressiveConfig:
     schedule: str = "linear"     # "linear", "root" (root_degree) or "discrete" (doubling stages)
     root_degree: float = 2.0     # "root": length grows as (step / total_steps) ** (1 / root_degree)
     grow: typing.List[dict] = field(default_factory=list)  # [{at: 500, n_layer: 4}, ...]: G_stack growth
+    grow_init: str = "copy"      # "copy" (G_stack) or "identity" (copies with zeroed output projections)
 
 
 @dataclass
@@ -403,8 +404,10 @@ def _validate_progressive(cfg: Config) -> None:
                               f"from which the full length is used), got {p.total_steps}")
     elif p.total_steps < 0:
         raise ConfigError(f"progressive.total_steps must be >= 0, got {p.total_steps}")
-    from .progressive import check_grow
+    from .progressive import GROW_INITS, check_grow
     p.grow = check_grow(p.grow, m.n_layer)
+    if p.grow_init not in GROW_INITS:
+        raise ConfigError(f"progressive.grow_init={p.grow_init!r}: valid values are {', '.join(GROW_INITS)}")
     if p.grow:
         for bad, why in ((m.share_layers, "model.share_layers (shared blocks)"),
                          (m.layer_heads is not None or m.layer_mlp is not None,

@@ -22,7 +22,7 @@ import numpy as np
 import minigrad as mg
 from minigrad import backend, functional as F, nn, ops
 from minigrad.attention import attention as fused_attention, attention_composite, attention_qkv, rope
-from minigrad.kernels.attention import decode_attention
+from minigrad.kernels.attention import decode_attention, rope_apply, rope_tables
 from minigrad.nn.lowrank import LowRankLinear
 from minigrad.checkpoint import checkpoint
 from minigrad.nn.reversible import reversible_sequence
@@ -147,6 +147,10 @@ class CausalSelfAttention(nn.Module):
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
         C = nh * hs                                                      # n_embd unless heads were pruned
         qkv = self.c_attn(x)                                             # (B, T, (nh + 2 nkv) hs)
+        if cache is not None and T == 1 and not mg.is_grad_enabled():
+            # one new token against the cache: the steps below on raw arrays (same numbers),
+            # without their eight graph nodes a layer, which cost more than the attention itself
+            return self.resid_dropout(self.c_proj(Tensor(self._decode_one(qkv.data, cache, layer))))
         if cache is None and self.attention != "naive" and not (self.training and self.attn_dropout > 0):
             # the steps below (split, heads forward, rotate, attention, heads back) as one
             # node that reads q, k, v in place: same numbers, no copies (minigrad.attention)
@@ -167,6 +171,24 @@ class CausalSelfAttention(nn.Module):
                       self.window)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                     # re-assemble heads
         return self.resid_dropout(self.c_proj(y))
+
+    def _decode_one(self, qkv, cache: KVCache, layer: int):
+        """The decode step of ``forward`` for T = 1 on arrays: qkv (B, 1, (nh + 2 nkv) hs) ->
+        y (B, 1, nh hs). Split, heads, rotation, cache and ``decode_attention`` as the Tensor
+        path runs them; for one position the head transposes are reshapes."""
+        B = qkv.shape[0]
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        C, Ckv = nh * hs, nkv * hs
+        q = qkv[:, 0, :C].reshape(B, nh, 1, hs)
+        k = qkv[:, 0, C:C + Ckv].reshape(B, nkv, 1, hs)
+        v = qkv[:, 0, C + Ckv:].reshape(B, nkv, 1, hs)
+        if self.rope:
+            cos, sin = rope_tables(cache.pos, 1, hs, qkv.dtype, backend.get_array_module(qkv))
+            q, k = rope_apply(q, cos, sin), rope_apply(k, cos, sin)
+        kd, vd = cache.append(layer, k, v)                               # (B, nkv, S, hs)
+        y = decode_attention(q.reshape(B * nh, 1, hs), kd.reshape(B * nkv, -1, hs),
+                             vd.reshape(B * nkv, -1, hs), 1.0 / math.sqrt(hs))
+        return y.reshape(B, 1, C)
 
 
 def attention(q, k, v, dropout_p: float = 0.0, impl: str = "auto", window: int = 0):

@@ -28,7 +28,12 @@ of the trained one (G_stack of Du et al. 2024: repeat the whole stack; Gong et a
 BERT the same way). We copy rather than interpolate because Du et al. found whole-stack copying
 the best of their growth operators for GPT pre-training, and copying needs no extra choices.
 It is not function-preserving: after growth the stack runs the trained blocks twice, so the
-loss jumps up for a few steps and then falls below the shallow model's. Embeddings, the final
+loss jumps up for a few steps and then falls below the shallow model's. ``grow_init: identity``
+makes it function-preserving: the copies' output projections (attention's and the MLP's
+``c_proj``) start at zero, so each new block first adds nothing to the residual stream and the
+loss goes on from where the shallow model was; their other weights are still the trained copies,
+and the zeroed projections get gradients at once (their input, the block's hidden activations,
+is not zero). Embeddings, the final
 LayerNorm and the head are kept. The optimizer's state (AdamW's ``exp_avg``, ``exp_avg_sq``
 and per-parameter step) is copied from the source block too, so a new block continues where
 its source was instead of starting Adam over with a bias-corrected first step; the learning
@@ -122,7 +127,24 @@ def _source_name(name: str, n_old: int) -> str:
     return f"transformer.h.{source_layer(int(m.group(1)), n_old)}.{m.group(2)}" if m else name
 
 
-def grow_stack(model: GPT, opt, n_layer: int, make_optimizer):
+GROW_INITS = ("copy", "identity")
+_OUT_PROJ = re.compile(r"^transformer\.h\.(\d+)\.(attn|mlp)\.c_proj\.(weight|bias|U)$")
+
+
+def identity_params(names, n_old: int) -> list:
+    """The parameters ``grow_init: identity`` zeroes: the output projections (attention's and
+    the MLP's c_proj: weight and bias, or the U factor of a low-rank one, whose V keeps its
+    gradient) of every block ``i >= n_old``. Each such block then adds zero to the residual
+    stream, so the grown model computes the shallow model's function."""
+    out = []
+    for n in names:
+        m = _OUT_PROJ.match(n)
+        if m and int(m.group(1)) >= n_old:
+            out.append(n)
+    return out
+
+
+def grow_stack(model: GPT, opt, n_layer: int, make_optimizer, init: str = "copy"):
     """Grow ``model`` to ``n_layer`` blocks by stacking; returns ``(new_model, new_optimizer)``.
 
     ``make_optimizer(model)`` builds the optimizer of the new model (``lm.train`` passes
@@ -132,7 +154,13 @@ def grow_stack(model: GPT, opt, n_layer: int, make_optimizer):
     cannot grow in place (its ModuleList and the optimizer's groups are fixed), hence the new
     objects (not a surgery function with a trailing underscore: ``model`` and ``opt`` are left as
     they were, and the caller carries on with the returned pair).
+
+    ``init="identity"``: the copies are made the same way, then ``identity_params`` (the new
+    blocks' output projections) are set to zero and their optimizer state is dropped (it starts
+    anew, like a fresh parameter's): the loss does not jump at the growth step.
     """
+    if init not in GROW_INITS:
+        raise ValueError(f"grow_stack: init must be one of {', '.join(GROW_INITS)}, got {init!r}")
     n_old = model.config.n_layer
     if n_layer <= n_old:
         raise ValueError(f"grow_stack: n_layer must be larger than the model's {n_old}, got {n_layer}")
@@ -144,13 +172,17 @@ def grow_stack(model: GPT, opt, n_layer: int, make_optimizer):
     new.to(dtype=model.transformer.wte.weight.dtype)
     new.to(model.transformer.wte.weight.device)
     new.load_state_dict({k: sd[_source_name(k, n_old)] for k in new.state_dict()})
+    zeroed = set(identity_params([n for n, _ in new.named_parameters()], n_old)) if init == "identity" else set()
+    for n, p in new.named_parameters():
+        if n in zeroed:
+            p.data[...] = 0
     new.train(model.training)
     new_opt = make_optimizer(new)
     old = opt.state_dict()
     state = {}
     for _, name, _p in new_opt.named_params():
         src = old["state"].get(_source_name(name, n_old))
-        if src is not None:
+        if src is not None and name not in zeroed:
             state[name] = {k: (v.copy() if hasattr(v, "copy") and getattr(v, "ndim", 0) > 0 else v)
                            for k, v in src.items()}
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [n for n, _ in g["params"]]}

@@ -588,7 +588,8 @@ def _train(cfg, data, output_dir, ckpt, saved, log, callback, dtype, ckpt_path, 
                 n_grow = layers_at(step, m_cfg.n_layer, cfg.progressive.grow)
                 if not is_last and model.config.n_layer < n_grow:   # progressive.grow: G_stack, before step `step`
                     model, opt = grow_stack(model, opt, n_grow, lambda m: m.configure_optimizer(
-                        t_cfg.learning_rate, t_cfg.weight_decay, (t_cfg.beta1, t_cfg.beta2)))
+                        t_cfg.learning_rate, t_cfg.weight_decay, (t_cfg.beta1, t_cfg.beta2),
+                        optimizer=t_cfg.optimizer), init=cfg.progressive.grow_init)
                     sched.opt = opt   # the schedule continues: lr_at(step) as before
                     log(f"step {step}: grew the model to {n_grow} layers ({model.num_params() / 1e6:.2f}M parameters)")
                 if step % t_cfg.eval_interval == 0 or is_last:

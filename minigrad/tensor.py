@@ -290,6 +290,21 @@ class _RemovableHandle:
             self._container.remove(self._item)
 
 
+def _result(y, i: int) -> "Tensor":
+    """An output of a Function that records nothing (a new leaf of no gradient)."""
+    t = Tensor.__new__(Tensor)
+    t.data = y
+    t.requires_grad = False
+    t.grad = None
+    t.creator = None
+    t._out_index = i
+    t._hooks = None
+    t._retain_grad = False
+    t.name = None
+    t._vc = [0]
+    return t
+
+
 class Function:
     """One differentiable operation on raw arrays.
 
@@ -303,6 +318,20 @@ class Function:
     saved: tuple = ()
 
     def __call__(self, *inputs):
+        if not _grad_enabled and not _observers:
+            # nothing is recorded (no_grad: decoding, evaluation): the same outputs with less
+            # bookkeeping; Python scalars and arrays among the inputs take the general path
+            for x in inputs:
+                if not isinstance(x, Tensor):
+                    break
+            else:
+                self.needs_input_grad = tuple([x.requires_grad for x in inputs])
+                self._record = False
+                self.saved = ()
+                ys = self.forward(*[x.data for x in inputs])
+                if isinstance(ys, tuple):
+                    return tuple([_result(y, i) for i, y in enumerate(ys)])
+                return _result(ys, 0)
         xs = [x if isinstance(x, Tensor) else None for x in inputs]
         like = next((x.data for x in xs if x is not None), None)
         ref_dtype = next((x.dtype for x in xs if x is not None and x.dtype.kind == "f"), None)

@@ -66,6 +66,25 @@ def test_decoding_same_tokens_with_and_without_cache(name, strategy):
     assert a == b
 
 
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_cached_decode_step_logits_equal_full_forward_float64(name):
+    """The one-token decode step (raw arrays, no graph nodes) against the full forward, every
+    position: the logits agree to rounding, so a step that rotated, cached or split wrongly fails."""
+    m = make(np.float64, **SWITCHES[name]).eval()
+    for p in m.parameters():
+        p.data = p.data * 4
+    ids = np.random.default_rng(1).integers(0, 13, (2, 14))
+    cache = KVCache(m.config.n_layer, window=m.config.attn_window)
+    got = [m.logits_last(ids[:, :3], cache)]
+    for t in range(3, 14):
+        with mg.no_grad():
+            got.append(m.logits_last(ids[:, t:t + 1], cache))
+    for i, t in enumerate(range(3, 15)):
+        with mg.no_grad():
+            full = m.logits_last(ids[:, max(0, t - m.config.block_size):t])
+        np.testing.assert_allclose(got[i], full, rtol=1e-10, atol=1e-10, err_msg=f"position {t}")
+
+
 @pytest.mark.parametrize("name", ["mqa", "window", "rope_window", "share"])
 def test_sampling_strategies_run_with_switches(name):
     m = make(np.float64, **SWITCHES[name])          # the text fits the context (2 + 14 = 16)

@@ -12,7 +12,8 @@ import minigrad as mg
 from lm import train as lt
 from lm.config import ModelConfig
 from lm.model import GPT
-from lm.progressive import SCHEDULES, cut_batch, discrete_lengths, grow_stack, layers_at, seqlen_at
+from lm.progressive import (SCHEDULES, cut_batch, discrete_lengths, grow_stack, identity_params, layers_at,
+                            seqlen_at)
 
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
         "train.batch_size=4", "train.eval_iters=2", "train.warmup_iters=2", "train.progress=false",
@@ -134,6 +135,69 @@ def test_grow_copies_the_stack_and_its_optimizer_state():
     loss.backward()
     new_opt.step()
     assert new_opt.state["transformer.h.4.attn.c_attn.weight"]["step"] == 4
+
+
+@pytest.mark.parametrize("low_rank", [0, 4])
+def test_identity_growth_keeps_the_function_and_trains_the_new_blocks(low_rank):
+    """grow_init=identity: the new blocks' output projections are zero, so the grown model computes
+    the shallow one's logits; their optimizer state starts anew; after one step they are not zero."""
+    mg.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, low_rank=low_rank))
+    opt = m.configure_optimizer(1e-2, 0.1, (0.9, 0.99))
+    x = np.random.default_rng(0).integers(0, 11, (3, 8))
+    for _ in range(3):
+        _, loss = m(x, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    make = lambda model: model.configure_optimizer(1e-2, 0.1, (0.9, 0.99))  # noqa: E731
+    new, new_opt = grow_stack(m, opt, 4, make, init="identity")
+    zeroed = identity_params([n for n, _ in new.named_parameters()], 2)
+    expect = {f"transformer.h.{i}.{part}.c_proj.{w}" for i in (2, 3) for part in ("attn", "mlp")
+              for w in ("bias", "weight" if not low_rank else "U")}
+    if low_rank:   # attention's c_proj is a plain Linear unless low_rank_attn
+        expect = {n.replace("attn.c_proj.U", "attn.c_proj.weight") for n in expect}
+    assert set(zeroed) == expect
+    params = dict(new.named_parameters())
+    for n in zeroed:
+        assert not params[n].data.any() and n not in new_opt.state
+    with mg.no_grad():
+        a, _ = m(x, x)
+        b, _ = new(x, x)
+    np.testing.assert_allclose(b.data, a.data, rtol=1e-6, atol=1e-6)
+    # the other parameters of the new blocks are the copies, with their sources' state
+    assert np.array_equal(params["transformer.h.3.attn.c_attn.weight"].data, m.transformer.h[1].attn.c_attn.weight.data)
+    assert new_opt.state["transformer.h.3.attn.c_attn.weight"]["step"] == 3
+    _, loss = new(x, x)
+    new_opt.zero_grad()
+    loss.backward()
+    new_opt.step()
+    assert all(params[n].data.any() for n in zeroed)
+    with pytest.raises(ValueError, match="copy, identity"):
+        grow_stack(m, opt, 4, make, init="zeros")
+
+
+def test_identity_growth_in_lm_train_keeps_adamw8bit(tmp_path, corpus):
+    """In lm.train, growth rebuilds the optimizer as the configured one (8-bit state here, its
+    codes in the checkpoint), not a float32 AdamW."""
+    out = tmp_path / "run"
+    a = lt.build_parser().parse_args(args(corpus, out, "train.eval_interval=12", "model.n_embd=64",
+                                          "progressive.grow=[{at: 4, n_layer: 2}]", "progressive.grow_init=identity",
+                                          "train.optimizer=adamw8bit", iters=8))
+    lt.train(lt.resolve_config(a), str(out))
+    from minigrad.io import load_metadata
+    meta = load_metadata(str(out / "checkpoint.safetensors"))
+    assert meta["n_layer"] == "2"
+    ck = load_file(str(out / "checkpoint.safetensors"))
+    assert "optim.transformer.h.1.mlp.c_fc.weight.exp_avg_q" in ck
+    assert ck["optim.transformer.h.1.mlp.c_fc.weight.exp_avg_q"].dtype == np.uint8
+
+
+def test_grow_init_is_checked(tmp_path, corpus, capsys):
+    assert lt.main(args(corpus, tmp_path / "r", "progressive.grow=[{at: 4, n_layer: 2}]",
+                        "progressive.grow_init=zero")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "copy, identity" in err[0]
 
 
 def test_grow_must_add_layers():
