@@ -7,6 +7,8 @@
     python -m lm.compress --model_dir output/model --structured heads=0.25,mlp=0.4 --data data.txt \
         --finetune_iters 200 --output_dir out/structured
     python -m lm.compress --model_dir output/model --rank 64 --finetune_iters 200 --output_dir out/rank64
+    python -m lm.compress --model_dir output/model --kv_heads 1 --finetune_iters 200 --data data.txt \
+        --output_dir out/mqa                                                  # multi-query, uptrained
     python -m lm.compress --model_dir ft-lora/model --merge_lora --output_dir ft-merged     # a LoRA adapter run
 
 A pipeline: load the folder (``lm.loader.load_model``, any kind it knows), run the chosen
@@ -208,6 +210,37 @@ def _run_structured(model, ctx: Context):
     return model
 
 
+def _check_kv_heads(ctx: Context) -> None:
+    from .config import ModelConfig
+    from .kv_heads import check_poolable
+    a = ctx.args
+    _float_source(ctx, "--kv_heads")
+    if a.structured is not None:
+        raise CompressError("--kv_heads and --structured cannot run together (structured pruning needs one "
+                            "key/value head per query head): pool in one lm.compress run, or prune in one")
+    m = ctx.conf["model"]
+    cfg = ModelConfig(**{k: v for k, v in m.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}})
+    try:
+        check_poolable(cfg, a.kv_heads)
+    except ValueError as e:
+        raise CompressError(f"--kv_heads {a.kv_heads}: {e}") from None
+    if a.finetune_iters <= 0:
+        ctx.log("note: --kv_heads without --finetune_iters: the pooled model is saved untrained "
+                "(Ainslie et al. uptrain it for a few percent of the pre-training steps)")
+
+
+def _run_kv_heads(model, ctx: Context):
+    from .kv_heads import pool_kv_heads
+    n0 = model.config.n_kv_head or model.config.n_head
+    p0 = model.num_parameters()
+    model = pool_kv_heads(model, ctx.args.kv_heads)
+    ctx.done.append({"name": f"kv_heads {ctx.args.kv_heads}", "from": n0, "params": [p0, model.num_parameters()],
+                     "method": "mean of each group's key and value projections (Ainslie et al. 2023)"})
+    ctx.log(f"key/value heads: {n0} -> {ctx.args.kv_heads} per layer (mean-pooled), parameters "
+            f"{p0:,} -> {model.num_parameters():,}; the KV cache holds {ctx.args.kv_heads}/{n0} of the heads")
+    return model
+
+
 def _check_factorize(ctx: Context) -> None:
     a = ctx.args
     _float_source(ctx, "--rank/--energy")
@@ -361,6 +394,7 @@ def _run_sparse_quantize(model, ctx: Context):
 STEPS: list[Step] = [
     Step("merge_lora", lambda a: a.merge_lora, _check_merge_lora, _run_merge_lora),
     Step("structured", lambda a: a.structured is not None, _check_structured, _run_structured),
+    Step("kv_heads", lambda a: a.kv_heads is not None, _check_kv_heads, _run_kv_heads),
     Step("factorize", lambda a: a.rank is not None or a.energy is not None, _check_factorize, _run_factorize),
     Step("prune", lambda a: a.prune is not None, _check_prune, _run_prune),
     Step("finetune", lambda a: a.finetune_iters > 0, _check_finetune, _run_finetune),
@@ -448,6 +482,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated module names to prune/factorize (default: every untied Linear)")
     g.add_argument("--structured", default=None, metavar="SPEC",
                    help="remove whole heads and MLP channels, e.g. heads=0.25,mlp=0.3 (needs --data)")
+    g.add_argument("--kv_heads", type=int, default=None, metavar="N",
+                   help="N key/value heads per layer (1: multi-query), each the mean of its group's "
+                        "(lm.kv_heads); follow with --finetune_iters to uptrain")
     g.add_argument("--rank", type=int, default=None, help="factorize Linear layers by truncated SVD to this rank")
     g.add_argument("--energy", type=float, default=None, help="or: per layer, the rank keeping this share of sum(s^2)")
     g.add_argument("--finetune_iters", type=int, default=0,
