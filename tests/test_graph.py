@@ -256,3 +256,21 @@ def test_manual_seed_repeats_randn_and_dropout(backend):
     assert a.dtype == np.float32
     mg.manual_seed(124)
     assert not np.array_equal(mg.randn(3, 4, device=backend).numpy(), a)
+
+
+def test_no_grad_fast_path_records_nothing_and_computes_the_same():
+    """Under no_grad, Function.__call__ skips its bookkeeping: the outputs equal the recorded run's,
+    are leaves without gradient, and nothing is saved; tuples (split) and scalar inputs work too."""
+    rng = np.random.default_rng(0)
+    a = mg.Tensor(rng.standard_normal((3, 4)), requires_grad=True)
+    b = mg.Tensor(rng.standard_normal((3, 4)), requires_grad=True)
+    with_grad = [(a * b + 2.0).data, mg.ops.split(a, [1, 3], axis=1)[1].data, mg.ops.matmul(a, b.T).data]
+    with mg.no_grad():
+        y = a * b + 2.0
+        parts = mg.ops.split(a, [1, 3], axis=1)
+        z = mg.ops.matmul(a, b.T)
+    for t in (y, z, *parts):
+        assert not t.requires_grad and t.creator is None and t.is_leaf
+    assert len(parts) == 3 and [p._out_index for p in parts] == [0, 1, 2]
+    for got, want in zip((y.data, parts[1].data, z.data), with_grad):
+        np.testing.assert_array_equal(got, want)
