@@ -173,6 +173,37 @@ def test_kernel_equals_array_code(monkeypatch):
     assert d.max() < 2e-4 and d.mean() < 1e-6, (d.max(), d.mean())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pool_split_equals_one_thread_bitwise(monkeypatch, threads):
+    """The step split by blocks over the pool (kernels.adam8bit._pooled) gives the bits of the
+    one-thread pass: every value depends on its own block only. A tensor of 64 blocks and a
+    ragged one (last block short) go through the pool; with threads=1 there is no pool."""
+    from minigrad.kernels import adam8bit as K, threads as T
+    if threads == 2 and T.num_workers() < 2:
+        pytest.skip("no BLAS pool of 2 threads here")
+    rng = np.random.default_rng(5)
+    for n in (64 * 256, 64 * 256 + 77):
+        a = [("w", nn.Parameter(rng.standard_normal(n).astype(np.float32)))]
+        b = [("w", nn.Parameter(a[0][1].data.copy()))]
+        oa, ob = AdamW8bit(a, lr=1e-2, weight_decay=0.1), AdamW8bit(b, lr=1e-2, weight_decay=0.1)
+        calls = []
+        real = K._pooled
+        for i in range(4):
+            g = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 0)).astype(np.float32)
+            a[0][1].grad, b[0][1].grad = mg.Tensor(g.copy()), mg.Tensor(g.copy())
+            with monkeypatch.context() as mp:
+                mp.setattr(K, "_pooled", lambda *x, **k: calls.append(real(*x, **k)) or calls[-1])
+                mp.setattr(T, "num_workers", lambda: threads)
+                oa.step()
+            with monkeypatch.context() as mp:
+                mp.setattr(K, "_pooled", lambda *x, **k: False)
+                ob.step()
+        assert calls and all(c is (threads == 2) for c in calls)
+        for k in ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"):
+            np.testing.assert_array_equal(oa.state["w"][k], ob.state["w"][k], err_msg=k)
+        np.testing.assert_array_equal(a[0][1].data, b[0][1].data)
+
+
 def test_state_dict_round_trip_continues_bitwise():
     a, b, _, ob = _pair()
     rng = np.random.default_rng(1)

@@ -35,11 +35,12 @@ if HAVE_NUMBA:
     _JIT = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 
     @numba.njit(**_JIT)
-    def _step(p, g, qm, am, qv, av, vals_m, mids_m, tab_m, vals_v, mids_v, tab_v,
-              lr, b1, b2, eps, bc1, bc2_sqrt, decay, block):
+    def _blocks(p, g, qm, am, qv, av, vals_m, mids_m, tab_m, vals_v, mids_v, tab_v,
+                lr, b1, b2, eps, bc1, bc2_sqrt, decay, block, blk0, blk1, bm, bv):
+        """Blocks blk0 .. blk1 - 1 of the flat arrays; bm, bv: scratch of ``block`` float32 each.
+        Every value and every block's absmax depends on its own block only, so any split of
+        the blocks gives the same bits."""
         n = p.size
-        bm = np.empty(block, np.float32)
-        bv = np.empty(block, np.float32)
         keysm = bm.view(np.uint32)
         keysv = bv.view(np.uint32)
         one = np.float32(1.0)
@@ -49,7 +50,7 @@ if HAVE_NUMBA:
         inv_bc2 = np.float32(1.0 / bc2_sqrt)
         fe = np.float32(eps)
         keep = np.float32(1.0 - decay)
-        for blk in range((n + block - 1) // block):
+        for blk in range(blk0, blk1):
             s = blk * block
             e = min(s + block, n)
             sm, sv = am[blk], av[blk]
@@ -83,6 +84,75 @@ if HAVE_NUMBA:
                 qm[s + j] = a + np.uint8(mids_m[a] < bm[j])
                 qv[s + j] = c + np.uint8(mids_v[c] < bv[j])
 
+    @numba.njit(**_JIT)
+    def _step(p, g, qm, am, qv, av, vals_m, mids_m, tab_m, vals_v, mids_v, tab_v,
+              lr, b1, b2, eps, bc1, bc2_sqrt, decay, block):
+        bm = np.empty(block, np.float32)
+        bv = np.empty(block, np.float32)
+        _blocks(p, g, qm, am, qv, av, vals_m, mids_m, tab_m, vals_v, mids_v, tab_v,
+                lr, b1, b2, eps, bc1, bc2_sqrt, decay, block, 0, (p.size + block - 1) // block, bm, bv)
+
+    # The pool's entry point: one record per thread, [n, block, first block, end block, len(mids),
+    # p, g, qm, am, qv, av, vals_m, mids_m, tab_m, vals_v, mids_v, tab_v, scratch (addresses),
+    # lr, b1, b2, eps, bc1, bc2_sqrt, decay (float64 bits)]
+    from .cpu import bitcast as _bitcast
+    from .pooled import _record, _typed_pointer
+    from numba.core import types as _t
+
+    _f32p, _u8p = _typed_pointer(_t.float32), _typed_pointer(_t.uint8)
+    _f64 = _bitcast(_t.int64, _t.float64)
+    _ca = numba.carray
+    RECORD = 25
+
+    def _c_blocks(ptr):
+        r = _ca(_record(ptr), RECORD)
+        n, block, nmid = r[0], r[1], r[4]
+        nb = (n + block - 1) // block
+        sc = _ca(_f32p(r[17]), 2 * block)
+        _blocks(_ca(_f32p(r[5]), n), _ca(_f32p(r[6]), n), _ca(_u8p(r[7]), n), _ca(_f32p(r[8]), nb),
+                _ca(_u8p(r[9]), n), _ca(_f32p(r[10]), nb),
+                _ca(_f32p(r[11]), 256), _ca(_f32p(r[12]), nmid), _ca(_u8p(r[13]), 65536),
+                _ca(_f32p(r[14]), 256), _ca(_f32p(r[15]), nmid), _ca(_u8p(r[16]), 65536),
+                _f64(r[18]), _f64(r[19]), _f64(r[20]), _f64(r[21]), _f64(r[22]), _f64(r[23]), _f64(r[24]),
+                block, r[2], r[3], sc[:block], sc[block:])
+
+_ENTRY = None
+MIN_POOL_BLOCKS = 32      # blocks of 256 per pool part (8,192 values, ~25 us of work): below, one thread
+
+
+def _entry() -> int:
+    global _ENTRY
+    if _ENTRY is None:
+        from numba.core import types as t
+        _ENTRY = numba.cfunc(t.void(t.voidptr), cache=True, nogil=True)(_c_blocks)
+    return _ENTRY.address
+
+
+def _pooled(p, g, qm, am, qv, av, code_m, code_v, floats, block) -> bool:
+    """The step split by blocks over the BLAS pool (``threads.run_c``); False when it is too
+    small to split or there is no pool."""
+    from . import threads
+    nb = (p.size + block - 1) // block
+    if nb < 2 * MIN_POOL_BLOCKS or threads.num_workers() < 2:
+        return False
+    if not all(a.flags.c_contiguous for a in (qm, am, qv, av)):
+        return False
+    parts = threads.row_chunks(nb, MIN_POOL_BLOCKS)
+    if len(parts) < 2:
+        return False
+    scratch = np.empty((len(parts), 2 * block), np.float32)
+    bits = np.array(floats, np.float64).view(np.int64)
+    common = [p.ctypes.data, g.ctypes.data, qm.ctypes.data, am.ctypes.data, qv.ctypes.data, av.ctypes.data,
+              code_m.values.ctypes.data, code_m.mids_padded.ctypes.data, code_m.buckets.ctypes.data,
+              code_v.values.ctypes.data, code_v.mids_padded.ctypes.data, code_v.buckets.ctypes.data]
+    rec = np.empty((len(parts), RECORD), np.int64)
+    for i, sl in enumerate(parts):
+        rec[i, :5] = (p.size, block, sl.start, sl.stop, code_m.mids_padded.size)
+        rec[i, 5:17] = common
+        rec[i, 17] = scratch[i].ctypes.data
+        rec[i, 18:] = bits
+    return threads.run_c(_entry(), rec)
+
 def step_inplace(p, g, qm, am, qv, av, code_m, code_v, lr, b1, b2, eps, bc1, bc2_sqrt, decay, block) -> bool:
     """One 8-bit AdamW update in place; False when the arrays don't qualify (CuPy, no Numba,
     not float32, not contiguous), so the caller runs the array code."""
@@ -90,7 +160,11 @@ def step_inplace(p, g, qm, am, qv, av, code_m, code_v, lr, b1, b2, eps, bc1, bc2
         return False
     if not (p.dtype == g.dtype == np.float32):
         return False
-    _step(p.reshape(-1), g.reshape(-1), qm, am, qv, av, code_m.values, code_m.mids_padded, code_m.buckets,
-          code_v.values, code_v.mids_padded, code_v.buckets, float(lr), float(b1), float(b2), float(eps),
-          float(bc1), float(bc2_sqrt), float(decay), int(block))
+    p, g = p.reshape(-1), g.reshape(-1)
+    floats = (float(lr), float(b1), float(b2), float(eps), float(bc1), float(bc2_sqrt), float(decay))
+    for c in (code_m, code_v):
+        assert c.values.dtype == c.mids_padded.dtype == np.float32 and c.buckets.dtype == np.uint8
+    if not _pooled(p, g, qm, am, qv, av, code_m, code_v, floats, int(block)):
+        _step(p, g, qm, am, qv, av, code_m.values, code_m.mids_padded, code_m.buckets,
+              code_v.values, code_v.mids_padded, code_v.buckets, *floats, int(block))
     return True
