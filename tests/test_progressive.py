@@ -80,9 +80,9 @@ def test_layers_at():
 
 
 # --------------------------------------------------------------------------- growth
-def _trained_pair():
+def _trained_pair(**model):
     mg.manual_seed(0)
-    m = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    m = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, **model))
     opt = m.configure_optimizer(1e-2, 0.1, (0.9, 0.99))
     x = np.random.default_rng(0).integers(0, 11, (3, 8))
     for _ in range(3):
@@ -141,15 +141,7 @@ def test_grow_copies_the_stack_and_its_optimizer_state():
 def test_identity_growth_keeps_the_function_and_trains_the_new_blocks(low_rank):
     """grow_init=identity: the new blocks' output projections are zero, so the grown model computes
     the shallow one's logits; their optimizer state starts anew; after one step they are not zero."""
-    mg.manual_seed(0)
-    m = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, low_rank=low_rank))
-    opt = m.configure_optimizer(1e-2, 0.1, (0.9, 0.99))
-    x = np.random.default_rng(0).integers(0, 11, (3, 8))
-    for _ in range(3):
-        _, loss = m(x, x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    m, opt, x = _trained_pair(low_rank=low_rank)
     make = lambda model: model.configure_optimizer(1e-2, 0.1, (0.9, 0.99))  # noqa: E731
     new, new_opt = grow_stack(m, opt, 4, make, init="identity")
     zeroed = identity_params([n for n, _ in new.named_parameters()], 2)
