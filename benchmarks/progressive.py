@@ -2,13 +2,15 @@
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/progressive.py --data /path/to/tinyshakespeare.txt
 
-Six runs of one model (character level, 4 layers x 4 heads x 128, context 256, batch 8, AdamW,
+Seven runs of one model (character level, 4 layers x 4 heads x 128, context 256, batch 8, AdamW,
 cosine decay over ``--steps`` steps to 1e-4, LR warmup 50 steps, clip 1, seed 1337), cached
 under ``benchmarks.reference.bench_dir()/progressive-<hash>/<run>`` (a later call reuses them):
 
 - ``baseline``: full length from step 0 (the from-scratch 4-layer run of (c) as well);
 - ``seqlen``: sequence-length warmup 32 -> 256 (linear, multiples of 32) over half the steps;
 - ``baseline_3x`` / ``seqlen_3x``: the same two at three times the learning rate;
+- ``baseline_1.5x``: the baseline at 1.5 times the learning rate (is the baseline's own learning
+  rate the better one? the warmup run at 3x is compared with the best baseline);
 - ``grown``: 2 layers until half the steps, then grown to 4 by stacking (G_stack);
 - ``grown_identity``: the same growth with ``progressive.grow_init=identity`` (the copies'
   output projections start at zero: function-preserving, no loss jump).
@@ -70,6 +72,7 @@ def runs(steps: int) -> dict:
         "baseline": [f"train.learning_rate={LR}"],
         "seqlen": [f"train.learning_rate={LR}", *warm],
         "baseline_3x": [f"train.learning_rate={3 * LR}"],
+        "baseline_1.5x": [f"train.learning_rate={1.5 * LR}"],
         "seqlen_3x": [f"train.learning_rate={3 * LR}", *warm],
         "grown": [f"train.learning_rate={LR}", "model.n_layer=2", f"progressive.grow=[{{at: {half}, n_layer: 4}}]"],
         "grown_identity": [f"train.learning_rate={LR}", "model.n_layer=2",
@@ -78,7 +81,7 @@ def runs(steps: int) -> dict:
 
 
 # the cache folder's name hashes the runs that existed when it was introduced; a run added later
-# (grown_identity) gets its own sub-folder there and leaves the others' cached results valid
+# (grown_identity, baseline_1.5x) gets its own sub-folder there and leaves the others' cached results valid
 _KEYED = ("baseline", "seqlen", "baseline_3x", "seqlen_3x", "grown")
 
 
@@ -280,7 +283,8 @@ def main(argv=None) -> int:
            "step_costs_ms": {f"{k[0]}x{k[1]}": 1e3 * v for k, v in costs.items()}}
     for name, label in (("baseline", "baseline (4 x 128, full length)"), ("seqlen", "seqlen warmup 32 -> 256"),
                         ("grown", "grown 2 -> 4 layers"),
-                        ("grown_identity", "grown 2 -> 4 layers, identity init"), ("baseline_3x", f"baseline at lr {3 * LR:g}"),
+                        ("grown_identity", "grown 2 -> 4 layers, identity init"),
+                        ("baseline_1.5x", f"baseline at lr {1.5 * LR:g}"), ("baseline_3x", f"baseline at lr {3 * LR:g}"),
                         ("seqlen_3x", f"seqlen warmup at lr {3 * LR:g}")):
         hit = time_to(res[name]["curve"], target)
         fv = res[name]["curve"][-1][2]
