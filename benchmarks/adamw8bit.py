@@ -147,7 +147,8 @@ def report(res: dict) -> str:
     lines = ["# 8-bit AdamW against float32 AdamW", "",
              f"nanoGPT's CPU config: configs/default.yaml with model.bias=false (4 x 4 x 128, context 64, "
              f"batch 12); {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, shared with other work.", "",
+             f"{os.cpu_count()} cores, load average {res.get('load', float('nan')):.1f} when it ended "
+             f"(other processes count in it).", "",
              "| measure | AdamW (float32) | AdamW8bit | result | target |", "|---|---|---|---|---|"]
     if "state" in res:
         b = res["state"]["bytes"]
@@ -219,6 +220,7 @@ def main(argv=None) -> int:
     if "loss" in parts:
         res["loss"] = measure_loss(data, seeds)
     os.makedirs(args.output_dir, exist_ok=True)
+    res["load"] = os.getloadavg()[0]
     text = report(res)
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
         f.write(text)

@@ -467,7 +467,9 @@ def make_report(res: dict, args) -> str:
          f"Reference: `{ref['dir']}` ({ref['bytes'] / MiB:.2f} MiB of weights, validation loss "
          f"{ref['val_loss']:.4f} on the windows measured){'; QUICK MODE: a smoke run, not a claim' if args.quick else ''}.",
          f"{args.seeds} seeds per quality and speed figure (mean [95% interval]); {platform.machine()}, "
-         f"{os.cpu_count()} cores, shared with other work while measured. Wall time {res['wall_s'] / 60:.1f} min.", "",
+         f"{os.cpu_count()} cores, load average {res.get('load_start', float('nan')):.1f} at the start and "
+         f"{res.get('load_end', float('nan')):.1f} at the end (other processes count in it). "
+         f"Wall time {res['wall_s'] / 60:.1f} min.", "",
          "## Claims", "", format_claims(res["claims"]), "",
          "## Every recipe", "",
          "| recipe | bytes on disk | size | quality (ppl ratio ref/form) | KL | same top-1 | decode speed | prompt speed |",
@@ -554,6 +556,7 @@ def plot(res: dict, out_dir: str) -> dict:
 
 def run(args, log=print) -> dict:
     t0 = time.time()
+    load_start = os.getloadavg()[0]
     fill_defaults(args)
     from lm.loader import read_config
     from benchmarks.reference import find_corpus
@@ -595,7 +598,8 @@ def run(args, log=print) -> dict:
     work = args.work_dir or os.path.join(bench_dir(), f"claims-{_key(os.path.abspath(ref_dir), data, args.quick)}")
     os.makedirs(work, exist_ok=True)
     os.makedirs(args.output_dir, exist_ok=True)
-    res = {"reference_dir": ref_dir, "quick": args.quick, "seeds": args.seeds, "recipes": names}
+    res = {"reference_dir": ref_dir, "quick": args.quick, "seeds": args.seeds, "recipes": names,
+           "load_start": load_start}
     forms = {}
     if "forms" in parts:
         for r in chosen:
@@ -626,6 +630,7 @@ def run(args, log=print) -> dict:
                 res[key] = prev[key]
     res["claims"] = claims_table(res)
     res["wall_s"] = time.time() - t0
+    res["load_end"] = os.getloadavg()[0]
     text = make_report(res, args)
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
         f.write(text)
