@@ -12,6 +12,10 @@ answer for the bucket's smallest value. The exact answer ("how many midpoints li
 value", the same rule as ``searchsorted(mids, y, "left")``) is that or one more: no bucket
 of either code holds two midpoints, so one comparison settles it, without a branch.
 Only the buckets of values near 1e-7..1 are ever read, a few KiB that stay in cache.
+
+A tensor of at least 2 x ``MIN_POOL_BLOCKS`` blocks is split by blocks over the BLAS pool
+(``threads.run_c``, one record of addresses per thread, no Python there): the blocks are
+independent, so the bits do not depend on the split.
 """
 from __future__ import annotations
 
@@ -135,8 +139,13 @@ def _pooled(p, g, qm, am, qv, av, code_m, code_v, floats, block) -> bool:
     nb = (p.size + block - 1) // block
     if nb < 2 * MIN_POOL_BLOCKS or threads.num_workers() < 2:
         return False
-    if not all(a.flags.c_contiguous for a in (qm, am, qv, av)):
+    # the records carry bare addresses: every array must be what _c_blocks reads
+    if not all(a.flags.c_contiguous for a in (qm, am, qv, av)) or qm.dtype != np.uint8 or qv.dtype != np.uint8 \
+            or am.dtype != np.float32 or av.dtype != np.float32:
         return False
+    for c in (code_m, code_v):
+        if c.values.dtype != np.float32 or c.mids_padded.dtype != np.float32 or c.buckets.dtype != np.uint8:
+            return False
     parts = threads.row_chunks(nb, MIN_POOL_BLOCKS)
     if len(parts) < 2:
         return False
@@ -153,6 +162,7 @@ def _pooled(p, g, qm, am, qv, av, code_m, code_v, floats, block) -> bool:
         rec[i, 18:] = bits
     return threads.run_c(_entry(), rec)
 
+
 def step_inplace(p, g, qm, am, qv, av, code_m, code_v, lr, b1, b2, eps, bc1, bc2_sqrt, decay, block) -> bool:
     """One 8-bit AdamW update in place; False when the arrays don't qualify (CuPy, no Numba,
     not float32, not contiguous), so the caller runs the array code."""
@@ -162,8 +172,6 @@ def step_inplace(p, g, qm, am, qv, av, code_m, code_v, lr, b1, b2, eps, bc1, bc2
         return False
     p, g = p.reshape(-1), g.reshape(-1)
     floats = (float(lr), float(b1), float(b2), float(eps), float(bc1), float(bc2_sqrt), float(decay))
-    for c in (code_m, code_v):
-        assert c.values.dtype == c.mids_padded.dtype == np.float32 and c.buckets.dtype == np.uint8
     if not _pooled(p, g, qm, am, qv, av, code_m, code_v, floats, int(block)):
         _step(p, g, qm, am, qv, av, code_m.values, code_m.mids_padded, code_m.buckets,
               code_v.values, code_v.mids_padded, code_v.buckets, *floats, int(block))
