@@ -2,16 +2,17 @@
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/progressive.py --data /path/to/tinyshakespeare.txt
 
-Eight runs of one model (character level, 4 layers x 4 heads x 128, context 256, batch 8, AdamW,
+Ten runs of one model (character level, 4 layers x 4 heads x 128, context 256, batch 8, AdamW,
 cosine decay over ``--steps`` steps to 1e-4, LR warmup 50 steps, clip 1, seed 1337), cached
 under ``benchmarks.reference.bench_dir()/progressive-<hash>/<run>`` (a later call reuses them):
 
 - ``baseline``: full length from step 0 (the from-scratch 4-layer run of (c) as well);
 - ``seqlen``: sequence-length warmup 32 -> 256 (linear, multiples of 32) over half the steps;
 - ``baseline_3x`` / ``seqlen_3x``: the same two at three times the learning rate;
-- ``baseline_1.5x`` / ``baseline_2x``: the baseline at 1.5 and 2 times the learning rate. The
+- ``baseline_1.5x`` / ``baseline_2x`` / ``baseline_2.5x``: the baseline at 1.5, 2 and 2.5 times the
+  learning rate, and ``seqlen_2.5x``: the warmup at 2.5 times (the best baseline's rate). The
   baseline's own rate is not the best one, so the runs are also measured against the **best
-  baseline** (the lowest final val loss of the four baseline rates): time to *its* final loss,
+  baseline** (the lowest final val loss of the five baseline rates): time to *its* final loss,
   as a ratio of *its* side-by-side time.
 - ``grown``: 2 layers until half the steps, then grown to 4 by stacking (G_stack);
 - ``grown_identity``: the same growth with ``progressive.grow_init=identity`` (the copies'
@@ -21,7 +22,9 @@ Questions and how they are measured:
 
 (a) does ``seqlen`` reach the baseline's final validation loss in <= 80% of the baseline's time?
 (c) does ``grown`` (or ``grown_identity``) reach the from-scratch run's final validation loss in
-    <= 80% of its time?
+    <= 80% of its time? (Here growth is at half the steps and the baselines share one schedule;
+    ``benchmarks/stacking.py`` asks the same against a learning-rate sweep's best baseline, with
+    later growth points, each grown run planned for the time budget, and a 2-layer control.)
     Two times are reported. **Training time**: metrics.jsonl's ``wall_s`` minus the time spent
     in evaluations (each eval row's ``wall_s`` minus the previous row's), the same for every run;
     checkpoint saves and the growth itself count. On a shared machine it carries the load of the
@@ -76,6 +79,8 @@ def runs(steps: int) -> dict:
         "baseline_3x": [f"train.learning_rate={3 * LR}"],
         "baseline_1.5x": [f"train.learning_rate={1.5 * LR}"],
         "baseline_2x": [f"train.learning_rate={2 * LR}"],
+        "baseline_2.5x": [f"train.learning_rate={2.5 * LR:g}"],
+        "seqlen_2.5x": [f"train.learning_rate={2.5 * LR:g}", *warm],
         "seqlen_3x": [f"train.learning_rate={3 * LR}", *warm],
         "grown": [f"train.learning_rate={LR}", "model.n_layer=2", f"progressive.grow=[{{at: {half}, n_layer: 4}}]"],
         "grown_identity": [f"train.learning_rate={LR}", "model.n_layer=2",
@@ -84,7 +89,7 @@ def runs(steps: int) -> dict:
 
 
 # the cache folder's name hashes the runs that existed when it was introduced; a run added later
-# (grown_identity, baseline_1.5x, baseline_2x) gets its own sub-folder there and leaves the others' cached results valid
+# (grown_identity, baseline_1.5x, baseline_2x, baseline_2.5x, seqlen_2.5x) gets its own sub-folder there and leaves the others' cached results valid
 _KEYED = ("baseline", "seqlen", "baseline_3x", "seqlen_3x", "grown")
 
 
@@ -206,8 +211,9 @@ def figure(res: dict, png: str, steps: int, costs: dict) -> None:
     def xy(name):
         c = res[name]["curve"][1:]
         return [modeled_time(res[name]["rows"], costs, s) for s, _, _ in c], [v for _, _, v in c]
-    for name, style in (("baseline", "s-"), ("seqlen", "o-"), ("seqlen_3x", "^-")):
-        a1.plot(*xy(name), style, ms=3, label=name if name != "seqlen_3x" else f"seqlen at lr {3 * LR:g}")
+    for name, style, lab in (("baseline", "s-", "baseline"), ("seqlen", "o-", "seqlen"),
+                             ("seqlen_2.5x", "v-", f"seqlen at lr {2.5 * LR:g}"), ("seqlen_3x", "^-", f"seqlen at lr {3 * LR:g}")):
+        a1.plot(*xy(name), style, ms=3, label=lab)
     a1.axhline(res["baseline"]["final_val"], color="gray", ls=":", lw=1, label="baseline final")
     a1.set_xlabel("side-by-side step time (s)")
     a1.set_ylabel("val loss")
@@ -288,6 +294,8 @@ def main(argv=None) -> int:
                         ("grown", "grown 2 -> 4 layers"),
                         ("grown_identity", "grown 2 -> 4 layers, identity init"),
                         ("baseline_1.5x", f"baseline at lr {1.5 * LR:g}"), ("baseline_2x", f"baseline at lr {2 * LR:g}"),
+                        ("baseline_2.5x", f"baseline at lr {2.5 * LR:g}"),
+                        ("seqlen_2.5x", f"seqlen warmup at lr {2.5 * LR:g}"),
                         ("baseline_3x", f"baseline at lr {3 * LR:g}"),
                         ("seqlen_3x", f"seqlen warmup at lr {3 * LR:g}")):
         hit = time_to(res[name]["curve"], target)
@@ -314,14 +322,14 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {'yes: ' + d.split(';')[0] if d else 'no'} | {sp:.3f} | {fv:.4f} |")
         out[name].update(diverged=d, spike=sp)
     # against the best baseline: the learning rate of ours is not the best one for this model
-    bases = ("baseline", "baseline_1.5x", "baseline_2x", "baseline_3x")
+    bases = ("baseline", "baseline_1.5x", "baseline_2x", "baseline_2.5x", "baseline_3x")
     best = min(bases, key=lambda n: res[n]["curve"][-1][2])
     t_best = res[best]["curve"][-1][2]
     m_best = modeled_time(res[best]["rows"], costs, args.steps)
     lines += ["", f"Against the best baseline, {best} (final val loss {t_best:.4f}, side-by-side time {m_best:.1f} s):",
               "", "| run | reaches it | side-by-side step time to it (ratio) | tokens to it |", "|---|---|---|---|"]
     out["best_baseline"] = {"name": best, "final_val": t_best, "modeled_s": m_best, "runs": {}}
-    for name in ("seqlen", "seqlen_3x", "grown", "grown_identity"):
+    for name in ("seqlen", "seqlen_2.5x", "seqlen_3x", "grown", "grown_identity"):
         hit = time_to(res[name]["curve"], t_best)
         if hit is None:
             lines.append(f"| {name} | no (final {res[name]['curve'][-1][2]:.4f}) | - | - |")

@@ -19,9 +19,10 @@ to 1e-4, clip 1), with evaluations every 100 steps on the same 10 validation bat
    B = ``--budget`` x steps x (4-layer step).
 3. **Grown runs** at the best baseline's learning rate (not tuned for them): 2 layers until step
    G, then 4 (``progressive.grow_init=identity``: function-preserving), for each G in
-   ``--grow_at`` (fractions of ``--steps``: 0.5 to 0.9). Each run's horizon S (its ``max_iters`` and ``lr_decay_iters``) is the most
-   steps, a multiple of 10, whose side-by-side cost fits B: a grown run plans its own schedule
-   for the same time budget, as a user who grows to save time would.
+   ``--grow_at`` (fractions of ``--steps``: 0.5 to 0.9). Each run's horizon S (its ``max_iters``
+   and ``lr_decay_iters``) is the most steps, a multiple of 10, whose side-by-side cost fits B:
+   a grown run plans its own schedule for the same time budget, as a user who grows to save
+   time would.
    Reported: the first evaluation at or below the best baseline's final val loss and its
    side-by-side time as a ratio of the baseline's; the final val loss at S. A control run has
    2 layers throughout, for the whole budget: does growing matter, or only the shallow model?
@@ -128,7 +129,8 @@ def run_all(jobs: list, root: str, data: str, n_jobs: int, log=print) -> dict:
         with mp.get_context("spawn").Pool(min(n_jobs, len(todo))) as pool:
             for i, r in enumerate(pool.imap_unordered(train_job, todo), 1):
                 done[r["name"]] = r
-                log(f"  [{i}/{len(todo)}] {r['name']} done" + (f" (diverged: {r['diverged']})" if r["diverged"] else ""))
+                why = f" (diverged: {r['diverged']})" if r["diverged"] else ""
+                log(f"  [{i}/{len(todo)}] {r['name']} done{why}")
     for j in jobs:      # the rest (cached ones, or all of them with --jobs 1)
         if j["name"] not in done:
             done[j["name"]] = train_job(j)
@@ -164,16 +166,19 @@ def mean_sd(xs):
 
 def figure(res: dict, base_names: list, grown_names: list, best: str, base_s: float, budget_s: float, costs: tuple,
            png: str):
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
     c2, c4 = costs
     fig = Figure(figsize=(13, 4.6))
     axes = fig.subplots(1, 2)
+    grown = [n for n in grown_names if res[n]["job"]["grow_at"] is not None]
+    warm = colormaps["plasma"]
     for ax, zoom in zip(axes, (False, True)):
-        for n in base_names:
+        for i, n in enumerate(base_names):
             r = res[n]
             xs = [cost_at(r, s, c2, c4) for s, _, _ in r["curve"][1:]]
             ax.plot(xs, [v for _, _, v in r["curve"][1:]], "-", lw=2.2 if n == best else 0.9,
-                    color="black" if n == best else None, alpha=1 if n == best else 0.6,
+                    color="black" if n == best else colormaps["Blues"](0.35 + 0.6 * i / max(1, len(base_names) - 1)),
                     label=f"4 layers, lr {r['job']['lr']:g}" + (" (best)" if n == best else ""))
         for n in grown_names:
             r = res[n]
@@ -182,7 +187,9 @@ def figure(res: dict, base_names: list, grown_names: list, best: str, base_s: fl
                 ax.plot(xs, [v for _, _, v in r["curve"][1:]], "--", lw=1.4, color="gray",
                         label=f"2 layers throughout, {r['job']['horizon']} steps")
                 continue
+            k = grown.index(n)
             ax.plot(xs, [v for _, _, v in r["curve"][1:]], "o-", ms=2.5, lw=1.4,
+                    color=warm(0.1 + 0.75 * k / max(1, len(grown) - 1)),
                     label=f"2 -> 4 at step {r['job']['grow_at']}, {r['job']['horizon']} steps")
         ax.axhline(final(res[best]), color="gray", ls=":", lw=1)
         ax.axvline(budget_s, color="red", ls="--", lw=0.9, label="time budget")
@@ -191,9 +198,10 @@ def figure(res: dict, base_names: list, grown_names: list, best: str, base_s: fl
         ax.grid(alpha=0.3)
         if zoom:
             t = final(res[best])
+            low = min(final(res[n]) for n in grown_names + [best] if math.isfinite(final(res[n])))
             ax.set_xlim(0.55 * base_s, 1.03 * max(base_s, budget_s))
-            ax.set_ylim(t - 0.06, t + 0.12)
-            ax.set_title("(b) the end, enlarged")
+            ax.set_ylim(low - 0.02, t + 0.1)
+            ax.set_title("(b) the end, enlarged (dotted: the best baseline's final loss)")
         else:
             ax.set_ylim(top=2.6)
             ax.set_title("(a) from-scratch learning-rate sweep and grown runs")
@@ -295,8 +303,8 @@ def main(argv=None) -> int:
     seed_jobs = [baseline_job(best_lr, args.steps, s) for s in seeds] + \
                 [grown_job(best_lr, pj["grow_at"], pj["horizon"], s) for s in seeds]
     res.update(run_all(seed_jobs, root, data, args.jobs))
-    pairs = [(best, pick)] + [(f"baseline-lr{best_lr:g}-s{s}", f"grown-g{pj['grow_at']}-h{pj['horizon']}-lr{best_lr:g}-s{s}")
-                              for s in seeds]
+    pairs = [(best, pick)] + [(baseline_job(best_lr, args.steps, s)["name"],
+                               grown_job(best_lr, pj["grow_at"], pj["horizon"], s)["name"]) for s in seeds]
     per_seed = [{"seed": res[b]["job"]["seed"], "baseline_final": final(res[b]), **verdict(g, b)} for b, g in pairs]
 
     # the report
@@ -339,7 +347,8 @@ def main(argv=None) -> int:
     lines += ["", summary + "."]
     table = "\n".join(lines)
     png = os.path.join(args.output_dir, "stacking.png")
-    figure(res, [j["name"] for j in base_jobs], [j["name"] for j in grown_jobs] + [shallow["name"]], best, base_s, budget_s, (c2, c4), png)
+    figure(res, [j["name"] for j in base_jobs], [j["name"] for j in grown_jobs] + [shallow["name"]], best, base_s,
+           budget_s, (c2, c4), png)
     with open(os.path.join(args.output_dir, "stacking.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     with open(os.path.join(args.output_dir, "stacking.json"), "w", encoding="utf-8") as f:
