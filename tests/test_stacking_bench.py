@@ -16,6 +16,8 @@ def test_horizon_is_the_most_steps_that_fit_the_budget():
     assert stacking.cost_at({"job": job}, h, c2, c4) <= budget + 1e-9
     assert stacking.cost_at({"job": job}, h + 10, c2, c4) > budget
     assert h == 1000 + 1100                         # (224 - 70) / 0.14 = 1100 four-layer steps
+    # (224 - 1010 * 0.07) / 0.14 = 1095 four-layer steps fit: rounded down to 1090, a multiple of 10
+    assert stacking.horizon(1010, budget, c2, c4) == 1010 + 1090
     # later growth: more cheap steps, so a longer horizon
     assert stacking.horizon(1400, budget, c2, c4) > h
     # growth that eats the whole budget leaves no 4-layer step
