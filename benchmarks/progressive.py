@@ -163,13 +163,15 @@ def modeled_time(rows: list, costs: dict, upto: int) -> float:
                if r.get("kind") != "eval" and r["step"] <= upto)
 
 
-def train_run(name: str, over: list, steps: int, data: str, root: str, max_iters: int | None = None) -> dict:
-    """Train (or resume, or reuse) one run; {"dir", "diverged"}."""
+def train_run(name: str, over: list, steps: int, data: str, root: str, max_iters: int | None = None,
+              base: list | None = None) -> dict:
+    """Train (or resume, or reuse) one run of ``base`` (default ``BASE``) + ``over``, the LR decaying
+    over ``steps``; {"dir", "diverged"}."""
     from lm.config import Config, apply_overrides, validate
     from lm.train import TrainingDiverged, train
     out = os.path.join(root, name)
-    cfg = apply_overrides(Config(), BASE + over + [f"train.lr_decay_iters={steps}", f"train.max_iters={max_iters or steps}",
-                                                  f"data.corpus={find_corpus(data)}"])
+    cfg = apply_overrides(Config(), (BASE if base is None else base) + over + [
+        f"train.lr_decay_iters={steps}", f"train.max_iters={max_iters or steps}", f"data.corpus={find_corpus(data)}"])
     validate(cfg)
     summary = os.path.join(out, "summary.json")
     if os.path.isfile(summary):

@@ -48,7 +48,7 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.progressive import eval_curve, read_metrics, step_costs  # noqa: E402
+from benchmarks.progressive import eval_curve, read_metrics, step_costs, train_run  # noqa: E402
 from benchmarks.reference import bench_dir, find_corpus  # noqa: E402
 
 BASE = [
@@ -62,24 +62,21 @@ BASE = [
 
 def baseline_job(lr: float, steps: int, seed: int) -> dict:
     return {"name": f"baseline-lr{lr:g}-s{seed}", "lr": lr, "seed": seed, "grow_at": None, "horizon": steps,
-            "over": [f"train.learning_rate={lr:g}", f"train.seed={seed}", f"train.max_iters={steps}",
-                     f"train.lr_decay_iters={steps}"]}
+            "over": [f"train.learning_rate={lr:g}", f"train.seed={seed}"]}
 
 
 def grown_job(lr: float, grow_at: int, horizon: int, seed: int) -> dict:
     return {"name": f"grown-g{grow_at}-h{horizon}-lr{lr:g}-s{seed}", "lr": lr, "seed": seed, "grow_at": grow_at,
             "horizon": horizon,
-            "over": [f"train.learning_rate={lr:g}", f"train.seed={seed}", f"train.max_iters={horizon}",
-                     f"train.lr_decay_iters={horizon}", "model.n_layer=2", "progressive.grow_init=identity",
-                     f"progressive.grow=[{{at: {grow_at}, n_layer: 4}}]"]}
+            "over": [f"train.learning_rate={lr:g}", f"train.seed={seed}", "model.n_layer=2",
+                     "progressive.grow_init=identity", f"progressive.grow=[{{at: {grow_at}, n_layer: 4}}]"]}
 
 
 def shallow_job(lr: float, horizon: int, seed: int) -> dict:
     """The control: 2 layers from scratch for the whole budget, never grown."""
     return {"name": f"shallow-h{horizon}-lr{lr:g}-s{seed}", "lr": lr, "seed": seed, "grow_at": None, "layers": 2,
             "horizon": horizon,
-            "over": [f"train.learning_rate={lr:g}", f"train.seed={seed}", f"train.max_iters={horizon}",
-                     f"train.lr_decay_iters={horizon}", "model.n_layer=2"]}
+            "over": [f"train.learning_rate={lr:g}", f"train.seed={seed}", "model.n_layer=2"]}
 
 
 def horizon(grow_at: int, budget_s: float, c2: float, c4: float) -> int:
@@ -91,34 +88,14 @@ def horizon(grow_at: int, budget_s: float, c2: float, c4: float) -> int:
 
 def train_job(job: dict) -> dict:
     """Train (or resume, or reuse) one run in this process; {"name", "dir", "diverged"}."""
-    from lm.config import Config, apply_overrides, validate
-    from lm.train import TrainingDiverged, train
-    out = job["dir"]
-    cfg = apply_overrides(Config(), BASE + job["over"] + [f"data.corpus={job['data']}"])
-    validate(cfg)
-    marker = os.path.join(out, "diverged.json")
-    if os.path.isfile(marker):
-        with open(marker, encoding="utf-8") as f:
-            return {"name": job["name"], "dir": out, "diverged": json.load(f)["message"]}
-    summary = os.path.join(out, "summary.json")
-    if os.path.isfile(summary):
-        with open(summary, encoding="utf-8") as f:
-            if json.load(f)["steps"] >= cfg.train.max_iters:
-                return {"name": job["name"], "dir": out, "diverged": None}
-    resume = os.path.isfile(os.path.join(out, "checkpoint.safetensors"))
-    try:
-        train(cfg, out, resume=resume, log=lambda m: None)
-    except TrainingDiverged as e:
-        with open(marker, "w", encoding="utf-8") as f:
-            json.dump({"message": str(e)}, f)
-        return {"name": job["name"], "dir": out, "diverged": str(e)}
-    return {"name": job["name"], "dir": out, "diverged": None}
+    r = train_run(job["name"], job["over"], job["horizon"], job["data"], job["root"], base=BASE)
+    return {"name": job["name"], **r}
 
 
 def run_all(jobs: list, root: str, data: str, n_jobs: int, log=print) -> dict:
     """{name: {"job", "diverged", "rows", "curve"}} of every job, training those not done yet."""
     for j in jobs:
-        j["dir"], j["data"] = os.path.join(root, j["name"]), data
+        j["dir"], j["data"], j["root"] = os.path.join(root, j["name"]), data, root
     todo = [j for j in jobs if not os.path.isfile(os.path.join(j["dir"], "summary.json"))
             and not os.path.isfile(os.path.join(j["dir"], "diverged.json"))]
     done = {}

@@ -34,7 +34,7 @@ def test_cost_of_a_baseline_and_of_a_grown_run():
 
 def test_jobs_carry_their_schedule_and_growth():
     j = stacking.grown_job(4e-3, 1400, 2280, 7)
-    assert "train.max_iters=2280" in j["over"] and "train.lr_decay_iters=2280" in j["over"]
+    assert j["horizon"] == 2280 and j["grow_at"] == 1400      # train_run's max_iters and lr_decay_iters
     assert "progressive.grow=[{at: 1400, n_layer: 4}]" in j["over"] and "model.n_layer=2" in j["over"]
     assert "progressive.grow_init=identity" in j["over"] and "train.seed=7" in j["over"]
     assert j["name"] == "grown-g1400-h2280-lr0.004-s7"
