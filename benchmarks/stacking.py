@@ -26,9 +26,9 @@ to 1e-4, clip 1), with evaluations every 100 steps on the same 10 validation bat
    Reported: the first evaluation at or below the best baseline's final val loss and its
    side-by-side time as a ratio of the baseline's; the final val loss at S. A control run has
    2 layers throughout, for the whole budget: does growing matter, or only the shallow model?
-4. **Seeds**: the best baseline's rate and the grown run that reached the target soonest (the
-   lowest final val loss if none did) again at each of ``--seeds``: each grown seed against the
-   baseline of the same seed (same initial weights and batches); mean +- sd.
+4. **Seeds**: the best baseline's rate, the grown run that reached the target soonest (the
+   lowest final val loss if none did) and the control again at each of ``--seeds``: each grown
+   seed against the baseline of the same seed (same initial weights and batches); mean +- sd.
 
 Every run is an ``lm.train`` folder under ``$LM_BENCH_DIR/stacking-<hash>/``, reused by later
 calls and resumed where it stopped. Runs train ``--jobs`` at a time in spawned processes of one
@@ -278,11 +278,14 @@ def main(argv=None) -> int:
     # 4. the chosen pair at more seeds
     pj = res[pick]["job"]
     seed_jobs = [baseline_job(best_lr, args.steps, s) for s in seeds] + \
-                [grown_job(best_lr, pj["grow_at"], pj["horizon"], s) for s in seeds]
+                [grown_job(best_lr, pj["grow_at"], pj["horizon"], s) for s in seeds] + \
+                [shallow_job(best_lr, shallow["horizon"], s) for s in seeds]
     res.update(run_all(seed_jobs, root, data, args.jobs))
-    pairs = [(best, pick)] + [(baseline_job(best_lr, args.steps, s)["name"],
-                               grown_job(best_lr, pj["grow_at"], pj["horizon"], s)["name"]) for s in seeds]
-    per_seed = [{"seed": res[b]["job"]["seed"], "baseline_final": final(res[b]), **verdict(g, b)} for b, g in pairs]
+    triples = [(best, pick, shallow["name"])] + [
+        (baseline_job(best_lr, args.steps, s)["name"], grown_job(best_lr, pj["grow_at"], pj["horizon"], s)["name"],
+         shallow_job(best_lr, shallow["horizon"], s)["name"]) for s in seeds]
+    per_seed = [{"seed": res[b]["job"]["seed"], "baseline_final": final(res[b]), "control_final": final(res[c]),
+                 **verdict(g, b)} for b, g, c in triples]
 
     # the report
     lines = [f"Step costs side by side: 2 layers {1e3 * c2:.1f} ms, 4 layers {1e3 * c4:.1f} ms "
@@ -307,12 +310,13 @@ def main(argv=None) -> int:
                  f"{d['final_val']:.4f} | {at} |")
     v_shallow = d
     lines += ["", f"Seeds (grown at step {pj['grow_at']}, {pj['horizon']} steps, against the lr {best_lr:g} "
-                  "baseline of the same seed):", "",
-              "| seed | baseline final val loss | grown final val loss | grown reaches it at | time ratio |",
-              "|---|---|---|---|---|"]
+                  "baseline of the same seed; the 2-layer control of that seed too):", "",
+              "| seed | baseline final val loss | grown final val loss | grown reaches it at | time ratio | "
+              "control final val loss |", "|---|---|---|---|---|---|"]
     for d in per_seed:
         at = f"step {d['step']} | {d['ratio']:.2f}" if d["reached"] else "not reached | -"
-        lines.append(f"| {d['seed']} | {d['baseline_final']:.4f} | {d['final_val']:.4f} | {at} |")
+        lines.append(f"| {d['seed']} | {d['baseline_final']:.4f} | {d['final_val']:.4f} | {at} | "
+                     f"{d['control_final']:.4f} |")
     diffs = [d["baseline_final"] - d["final_val"] for d in per_seed]
     ratios = [d["ratio"] for d in per_seed if d["reached"]]
     md, sd = mean_sd(diffs)
@@ -321,6 +325,8 @@ def main(argv=None) -> int:
     if ratios:
         mr, sr = mean_sd(ratios)
         summary += f", at {mr:.2f} +- {sr:.2f} of its time"
+    mc, sc = mean_sd([d["final_val"] - d["control_final"] for d in per_seed])
+    summary += f"; the 2-layer control ends {mc:+.4f} +- {sc:.4f} below the grown run"
     lines += ["", summary + "."]
     table = "\n".join(lines)
     png = os.path.join(args.output_dir, "stacking.png")
