@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from minigrad import backend
 
-from .model import GPT
+from .model import GPT, rebuilt
 
 
 def check_poolable(config, n_kv_head: int) -> None:
@@ -76,11 +74,4 @@ def pool_kv_heads(model: GPT, n_kv_head: int) -> GPT:
         if len(part) == 2 and part[1] in ("weight", "bias", "U"):
             v = _pool_rows(v, nh, nkv0, n_kv_head, hs)
         new_sd[k] = v
-    rng = backend.get_rng_state(np)     # the new model's random init is overwritten: draw nothing
-    new = GPT(dataclasses.replace(cfg, n_kv_head=n_kv_head))
-    backend.set_rng_state(rng, np)
-    new.to(dtype=model.transformer.wte.weight.dtype)
-    new.to(model.transformer.wte.weight.device)
-    new.load_state_dict(new_sd)
-    new.train(model.training)
-    return new
+    return rebuilt(model, dataclasses.replace(cfg, n_kv_head=n_kv_head), new_sd.__getitem__)

@@ -391,3 +391,18 @@ class GPT(nn.Module):
     def logits_last(self, idx, cache: KVCache | None = None):
         logits, _ = self.forward(idx, cache=cache)
         return logits.data[:, -1, :]                                    # (B, V)
+
+
+def rebuilt(model: GPT, config: ModelConfig, state) -> GPT:
+    """A new GPT of ``config`` whose every state-dict entry ``name`` is ``state(name)``, in
+    ``model``'s dtype, on its device, in its train/eval mode; ``model`` is left as it is. Draws no random numbers: the new
+    model's initial weights are overwritten, so the caller's random stream goes on unchanged.
+    (Growth by stacking and key/value head pooling build their new models this way.)"""
+    rng = backend.get_rng_state(np)
+    new = GPT(config)
+    backend.set_rng_state(rng, np)
+    new.to(dtype=model.transformer.wte.weight.dtype)
+    new.to(model.transformer.wte.weight.device)
+    new.load_state_dict({k: state(k) for k in new.state_dict()})
+    new.train(model.training)
+    return new

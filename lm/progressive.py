@@ -47,11 +47,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import numpy as np
-
-from minigrad import backend
-
-from .model import GPT
+from .model import GPT, rebuilt
 
 SCHEDULES = ("linear", "root", "discrete")
 _BLOCK = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
@@ -166,17 +162,11 @@ def grow_stack(model: GPT, opt, n_layer: int, make_optimizer, init: str = "copy"
         raise ValueError(f"grow_stack: n_layer must be larger than the model's {n_old}, got {n_layer}")
     new_cfg = dataclasses.replace(model.config, n_layer=n_layer)
     sd = model.state_dict()
-    rng = backend.get_rng_state(np)    # the new model's random init is overwritten: draw nothing
-    new = GPT(new_cfg)
-    backend.set_rng_state(rng, np)
-    new.to(dtype=model.transformer.wte.weight.dtype)
-    new.to(model.transformer.wte.weight.device)
-    new.load_state_dict({k: sd[_source_name(k, n_old)] for k in new.state_dict()})
+    new = rebuilt(model, new_cfg, lambda k: sd[_source_name(k, n_old)])
     zeroed = set(identity_params([n for n, _ in new.named_parameters()], n_old)) if init == "identity" else set()
     for n, p in new.named_parameters():
         if n in zeroed:
             p.data[...] = 0
-    new.train(model.training)
     new_opt = make_optimizer(new)
     old = opt.state_dict()
     state = {}

@@ -290,13 +290,14 @@ class _RemovableHandle:
             self._container.remove(self._item)
 
 
-def _result(y, i: int) -> "Tensor":
-    """An output of a Function that records nothing (a new leaf of no gradient)."""
+def _result(y, i: int, creator: "Function | None" = None) -> "Tensor":
+    """Output ``i`` of a Function, without Tensor.__init__'s conversions: recorded (it requires
+    grad, ``creator`` made it) when a creator is given, else a new leaf of no gradient."""
     t = Tensor.__new__(Tensor)
     t.data = y
-    t.requires_grad = False
+    t.requires_grad = creator is not None
     t.grad = None
-    t.creator = None
+    t.creator = creator
     t._out_index = i
     t._hooks = None
     t._retain_grad = False
@@ -348,19 +349,7 @@ class Function:
         single = not isinstance(ys, tuple)
         if single:
             ys = (ys,)
-        outputs = []
-        for i, y in enumerate(ys):
-            t = Tensor.__new__(Tensor)
-            t.data = y
-            t.requires_grad = record
-            t.grad = None
-            t.creator = self if record else None
-            t._out_index = i
-            t._hooks = None
-            t._retain_grad = False
-            t.name = None
-            t._vc = [0]
-            outputs.append(t)
+        outputs = [_result(y, i, self if record else None) for i, y in enumerate(ys)]
         if record:
             self.inputs = tuple(tensors)
             self._versions = [t._vc[0] for t in tensors]

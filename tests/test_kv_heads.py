@@ -84,6 +84,8 @@ def test_pooling_draws_no_random_numbers_and_keeps_dtype_and_mode():
     new = pool_kv_heads(m, 1)
     assert mg.backend.get_rng_state(np) == before
     assert new.transformer.wte.weight.dtype == np.float32 and new.training
+    m.eval()                                  # a model in eval mode comes back in eval mode
+    assert not pool_kv_heads(m, 1).training
 
 
 @pytest.mark.parametrize("kw,n,msg", [({}, 4, "give fewer"), ({}, 3, "do not divide"), ({}, 0, "positive"),
